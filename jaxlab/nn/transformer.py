@@ -1,0 +1,161 @@
+"""Decoder-only LM: embedding, blocks ``x + mixer(norm(x))``, ``x + ffn(norm(x))``, head."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from jaxlab.nn import attention as _attention  # noqa: F401  (registers "attention")
+from jaxlab.nn import mlp as _mlp  # noqa: F401  (registers "mlp")
+from jaxlab.nn.config import ModelConfig
+from jaxlab.nn.embed import Embed
+from jaxlab.nn.linear import Linear
+from jaxlab.nn.norms import make_norm
+from jaxlab.nn.registry import FFNS, MIXERS, lookup
+from jaxlab.sharding import shard
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x))."""
+
+  def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+    self.mixer_norm = make_norm(config)
+    self.mixer = lookup(MIXERS, "mixer", config.mixer_of(layer))(config, layer=layer, rngs=rngs)
+    self.ffn_norm = make_norm(config)
+    self.ffn = lookup(FFNS, "ffn", config.ffn_of(layer))(config, layer=layer, rngs=rngs)
+
+  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array) -> jax.Array:
+    x_BxLxD = x_BxLxD + self.mixer(self.mixer_norm(x_BxLxD), positions_BxL)
+    x_BxLxD = shard(x_BxLxD, ("batch", "length", "embed"))
+    x_BxLxD = x_BxLxD + self.ffn(self.ffn_norm(x_BxLxD))
+    return shard(x_BxLxD, ("batch", "length", "embed"))
+
+  def decode(self, x_BxTxD: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
+    h, cache = self.mixer.decode(self.mixer_norm(x_BxTxD), cache)
+    x_BxTxD = x_BxTxD + h
+    return x_BxTxD + self.ffn(self.ffn_norm(x_BxTxD)), cache
+
+
+def _apply_block(block: Block, x: jax.Array, positions: jax.Array) -> jax.Array:
+  return block(x, positions)
+
+
+class Transformer(nnx.Module):
+  """``model(tokens [b, t]) -> logits [b, t, vocab]``. With ``mixers=("attention",)``,
+  ``norm="rmsnorm"`` and ``mlp_activation="swiglu"`` this is the Llama architecture."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.embed = Embed(config.vocab_size, config.d_model, init_std=config.init_std, rngs=rngs)
+    self.blocks = nnx.List([Block(config, i, rngs=rngs) for i in range(config.num_layers)])
+    self.final_norm = make_norm(config)
+    self.lm_head = (
+        None
+        if config.tie_embeddings
+        else Linear(
+            (config.d_model,), (config.vocab_size,), ("embed",), ("vocab",),
+            init_std=config.init_std, rngs=rngs,
+        )
+    )
+
+  def _logits(self, x_BxLxD: jax.Array) -> jax.Array:
+    x_BxLxD = self.final_norm(x_BxLxD)
+    logits = self.embed.attend(x_BxLxD) if self.lm_head is None else self.lm_head(x_BxLxD)
+    return shard(logits, ("batch", "length", "vocab"))
+
+  def __call__(
+      self, tokens: Int[Array, "b t"], positions: Int[Array, "b t"] | None = None
+  ) -> Float[Array, "b t vocab"]:
+    b, t = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    x = shard(self.embed(tokens), ("batch", "length", "embed"))
+    apply = _apply_block
+    if self.config.remat != "none":
+      apply = nnx.remat(_apply_block, policy=_REMAT_POLICIES[self.config.remat])
+    for block in self.blocks:
+      x = apply(block, x, positions)
+    return self._logits(x)
+
+  def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> list[Any]:
+    return [block.mixer.init_cache(batch, max_len, dtype) for block in self.blocks]
+
+  def decode(
+      self, tokens: Int[Array, "b t"], caches: list[Any]
+  ) -> tuple[Float[Array, "b t vocab"], list[Any]]:
+    """Logits for the next t tokens given the caches of everything before them."""
+    x = self.embed(tokens)
+    new_caches = []
+    for block, cache in zip(self.blocks, caches):
+      x, cache = block.decode(x, cache)
+      new_caches.append(cache)
+    return self._logits(x), new_caches
+
+
+def sample_token(
+    logits_BxV: jax.Array, rng: jax.Array, temperature: jax.Array, top_k: int | None
+) -> jax.Array:
+  """Greedy when ``temperature == 0``; otherwise samples softmax(logits / T), optionally
+  restricted to the ``top_k`` most likely tokens."""
+  logits_BxV = logits_BxV.astype(jnp.float32)
+  greedy = jnp.argmax(logits_BxV, axis=-1)
+  if top_k is not None:
+    kth = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV < kth, -jnp.inf, logits_BxV)
+  sampled = jax.random.categorical(rng, logits_BxV / jnp.maximum(temperature, 1e-6), axis=-1)
+  return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k"))
+def _generate(graphdef, state, prompt, rng, temperature, *, max_new_tokens, top_k):
+  model = nnx.merge(graphdef, state)
+  b, t = prompt.shape
+  dtype = jax.tree.leaves(state)[0].dtype
+  caches = model.init_cache(b, t + max_new_tokens, dtype)
+  logits, caches = model.decode(prompt, caches)
+  first = sample_token(logits[:, -1], jax.random.fold_in(rng, 0), temperature, top_k)
+
+  def step(carry, i):
+    token, caches = carry
+    logits, caches = model.decode(token[:, None], caches)
+    nxt = sample_token(logits[:, -1], jax.random.fold_in(rng, i), temperature, top_k)
+    return (nxt, caches), token
+
+  (last, _), tokens = jax.lax.scan(step, (first, caches), jnp.arange(1, max_new_tokens))
+  return jnp.concatenate([tokens.T, last[:, None]], axis=1)
+
+
+def generate(
+    model: Transformer,
+    prompt_tokens: Int[Array, "b t"],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    rng: jax.Array | None = None,
+) -> Int[Array, "b n"]:
+  """Continues every prompt by ``max_new_tokens`` tokens using the mixers' caches.
+
+  The prompt is prefilled in one call; then one token per step in a ``lax.scan``.
+  Returns only the new tokens, ``[b, max_new_tokens]``.
+  """
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1.")
+  if temperature < 0:
+    raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy).")
+  rng = jax.random.key(0) if rng is None else rng
+  graphdef, state = nnx.split(model)
+  return _generate(
+      graphdef, state, jnp.asarray(prompt_tokens, jnp.int32), rng,
+      jnp.asarray(temperature, jnp.float32), max_new_tokens=max_new_tokens, top_k=top_k,
+  )

@@ -1,0 +1,82 @@
+"""Checks that a config fits a mesh, run on abstract shapes before anything compiles."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxlab.sharding.rules import Rules, logical_to_spec, spec_size, used_mesh_axes
+
+
+def _axes_text(entry) -> str:
+  axes = (entry,) if isinstance(entry, str) else tuple(entry)
+  return " x ".join(axes)
+
+
+def check_mesh_use(mesh: Mesh, rules: Rules, strategy: str) -> None:
+  """Every mesh axis of size > 1 must be used by some rule, or its devices idle."""
+  unused = [a for a, n in mesh.shape.items() if n > 1 and a not in used_mesh_axes(rules)]
+  if unused:
+    sizes = ", ".join(f"mesh.{a}={mesh.shape[a]}" for a in unused)
+    raise ValueError(
+        f"{sizes}, but sharding.strategy={strategy!r} does not use that axis; set it to 1 "
+        "or pick a strategy that uses it (fsdp_tp uses tensor)."
+    )
+
+
+def check_batch(batch_size: int, grad_accum: int, mesh: Mesh, rules: Rules) -> None:
+  """The per-step micro-batch must split evenly over the axes `batch` maps to."""
+  if grad_accum < 1 or batch_size % grad_accum:
+    raise ValueError(
+        f"data.batch_size={batch_size} is not divisible by train.grad_accum={grad_accum}."
+    )
+  entry = logical_to_spec(("batch",), rules)[0]
+  shards = spec_size(logical_to_spec(("batch",), rules), mesh.shape)[0]
+  micro = batch_size // grad_accum
+  if micro % shards:
+    raise ValueError(
+        f"data.batch_size={batch_size} / train.grad_accum={grad_accum} = {micro} examples per "
+        f"micro-batch is not divisible by {_axes_text(entry)} = {shards} devices; use a "
+        f"batch size that is a multiple of {shards * grad_accum}."
+    )
+
+
+def check_divisible(
+    abstract: Any, mesh: Mesh, rules: Rules, fields: Mapping[str, tuple[str, int]]
+) -> None:
+  """Every sharded dimension of every variable must divide by its mesh axes.
+
+  ``fields`` maps a logical name to the config field that sets it (e.g.
+  ``{"heads": ("model.num_heads", 6)}``) so the error names what to change; all
+  offending fields are listed, in the order of ``fields``.
+  """
+  bad_fields: dict[str, str] = {}
+  bad_params: list[str] = []
+  flat = jax.tree_util.tree_flatten_with_path(abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+  for path, var in flat:
+    if not isinstance(var, nnx.Variable) or not var.get_metadata().get("out_sharding"):
+      continue
+    names = var.get_metadata()["out_sharding"]
+    spec = logical_to_spec(names, rules)
+    for dim, (size, shards) in enumerate(zip(var.shape, spec_size(spec, mesh.shape))):
+      if size % shards == 0:
+        continue
+      axes = _axes_text(spec[dim])
+      if names[dim] in fields:
+        field, value = fields[names[dim]]
+        bad_fields[names[dim]] = (
+            f"{field}={value} is not divisible by the {axes} mesh axis ({shards} devices); set "
+            f"{field} to a multiple of {shards}, or use a smaller {axes} axis."
+        )
+      else:
+        bad_params.append(
+            f"parameter {jax.tree_util.keystr(path)} has {names[dim]} size {size}, not divisible "
+            f"by the {axes} mesh axis ({shards} devices); change its size or the mesh."
+        )
+  problems = [bad_fields[name] for name in fields if name in bad_fields] + bad_params
+  if problems:
+    raise ValueError("\n".join(problems))

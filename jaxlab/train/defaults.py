@@ -1,0 +1,46 @@
+"""The base ConfigDict every experiment config starts from: every field, with defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from jaxlab.nn import ModelConfig
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.model = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+
+  config.data = dict(
+      source="python_docs",  # python_docs | text | tokens | mqar
+      paths=(),  # files or globs for `text` (UTF-8) and `tokens` (.npy / .bin)
+      tokenizer="bytes",  # or the path of a Hugging Face tokenizer.json
+      token_dtype="uint16",  # element type of .bin token files
+      seq_len=256,
+      batch_size=16,  # global, over all hosts and devices
+      val_fraction=0.05,
+      mqar=dict(vocab_size=8192, num_kv_pairs=16, num_train=100_000, num_eval=3_000,
+                power_a=0.01, random_non_queries=True),
+  )
+  config.optim = dict(
+      learning_rate=1e-3, warmup_steps=50, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
+      weight_decay=0.1, clip_norm=1.0,
+  )
+  config.train = dict(
+      steps=1000,
+      grad_accum=1,
+      compute_dtype="float32",  # or bfloat16 (parameters stay float32)
+      eval_every=100,
+      eval_batches=16,  # None: the whole validation split
+      checkpoint_every=100,
+      keep_checkpoints=3,
+      num_samples=4,  # continuations written to samples.txt at the end (text data)
+      sample_tokens=200,  # at most: prompt and continuation stay within data.seq_len
+  )
+  config.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1)
+  config.sharding = dict(strategy="fsdp")  # dp | fsdp | fsdp_tp
+  config.distributed = dict(coordinator_address="", num_processes=1, process_id=0)
+  return ml_collections.ConfigDict(config)

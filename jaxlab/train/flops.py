@@ -1,0 +1,67 @@
+"""Model FLOPs per token and the devices' peak FLOP/s, for model FLOPs utilization."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxlab.nn import ModelConfig
+
+# Dense bf16 peak per chip, from the vendors' data sheets (no sparsity).
+PEAK_BF16_FLOPS = {
+    "h100": 989e12, "h200": 989e12, "h800": 989e12, "gh200": 989e12, "b200": 2250e12,
+    "a100": 312e12, "a800": 312e12, "l40s": 362e12, "l4": 121e12, "a10g": 125e12,
+    "tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12,
+    "tpu v5": 459e12, "tpu v6 lite": 918e12, "tpu v6e": 918e12, "tpu7x": 2307e12,
+}
+
+
+def matmul_params(params: Any, tie_embeddings: bool) -> int:
+  """Parameters used in matrix multiplies: every matrix except a lookup-only
+  (untied) input embedding."""
+  total = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    keys = jax.tree_util.keystr(path)
+    if leaf.ndim < 2 or ("embed" in keys and "table" in keys and not tie_embeddings):
+      continue
+    total += math.prod(leaf.shape)
+  return total
+
+
+def train_flops_per_token(params: Any, config: ModelConfig, seq_len: int) -> float:
+  """6 · N_matmul + causal attention, 3 × 4 · heads · head_dim · (T + 1)/2 per layer
+  (forward + backward; Kaplan et al. 2020, PaLM appendix B, counting only the causal half)."""
+  attention_layers = sum(config.mixer_of(i) == "attention" for i in range(config.num_layers))
+  attention = 12 * attention_layers * config.num_heads * config.dim_per_head * (seq_len + 1) / 2
+  return 6 * matmul_params(params, config.tie_embeddings) + attention
+
+
+def measure_matmul_flops(size: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of a jitted fp32 matmul on the first local device (best of ``repeats``)."""
+  a = jnp.ones((size, size), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  best = math.inf
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * size**3 / best
+
+
+def peak_flops(devices: list[jax.Device] | None = None) -> float:
+  """Peak FLOP/s of all devices in the run. Accelerators: the data-sheet figure per
+  chip; CPUs (and unknown chips): a matmul measured at start-up on this host, times
+  the number of hosts (fake CPU devices share the host's cores)."""
+  devices = jax.devices() if devices is None else devices
+  kind = devices[0].device_kind.lower()
+  if devices[0].platform != "cpu":
+    for name in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
+      if name in kind:
+        return PEAK_BF16_FLOPS[name] * len(devices)
+  hosts = len({d.process_index for d in devices})
+  return measure_matmul_flops() * hosts

@@ -1,0 +1,270 @@
+"""The training loop: sharded state, grain data, metrics, eval, checkpoints, resume."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from tqdm import tqdm
+
+from jaxlab import data as data_lib
+from jaxlab.nn import ModelConfig, generate
+from jaxlab.sharding import (
+    check_batch, check_divisible, check_mesh_use, logical_to_spec, make_mesh, strategy_rules,
+    use_mesh,
+)
+from jaxlab.train import report
+from jaxlab.train.checkpoint import Checkpointer, restore_target
+from jaxlab.train.flops import peak_flops, train_flops_per_token
+from jaxlab.train.metrics import MetricsWriter
+from jaxlab.train.optim import make_optimizer
+from jaxlab.train.preemption import StopRequest
+from jaxlab.train.state import (
+    TrainState, abstract_train_state, create_train_state, model_graphdef, state_shardings,
+)
+from jaxlab.train.step import COMPUTE_DTYPES, eval_step, train_step
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or the parameters stopped being finite; no checkpoint holds that state."""
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def model_config_fields(config: ModelConfig) -> dict[str, tuple[str, int]]:
+  """Which config field sets each logical dimension, for sharding errors."""
+  return {
+      "heads": ("model.num_heads", config.num_heads),
+      "kv_heads": ("model.num_kv_heads", config.kv_heads),
+      "mlp": ("model.mlp_dim", config.mlp_dim),
+      "vocab": ("model.vocab_size", config.vocab_size),
+      "embed": ("model.d_model", config.d_model),
+  }
+
+
+def _global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def _fetch(tree: Any) -> Any:
+  """Host copies of (possibly multi-host) arrays."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+class Trainer:
+  """Everything a run needs, built from a ConfigDict; `run` trains to ``train.steps``."""
+
+  def __init__(
+      self, config: ml_collections.ConfigDict, workdir: str | Path,
+      devices: list[jax.Device] | None = None,
+  ):
+    self.config = config
+    self.workdir = Path(workdir)
+    self.model_config = ModelConfig.from_dict(config.model)
+    train = config.train
+    if train.compute_dtype not in COMPUTE_DTYPES:
+      raise ValueError(f"train.compute_dtype={train.compute_dtype!r}; use one of {sorted(COMPUTE_DTYPES)}.")
+    self.sources = data_lib.make_sources(config.data, config.seed)
+    if self.sources.vocab_size > self.model_config.vocab_size:
+      raise ValueError(
+          f"model.vocab_size={self.model_config.vocab_size} is smaller than the data's "
+          f"{self.sources.vocab_size} token ids; set model.vocab_size >= {self.sources.vocab_size}."
+      )
+    self.mesh = make_mesh(dict(config.mesh), devices)
+    self.rules = strategy_rules(config.sharding.strategy)
+    check_mesh_use(self.mesh, self.rules, config.sharding.strategy)
+    check_batch(config.data.batch_size, train.grad_accum, self.mesh, self.rules)
+    self.tx, self.schedule = make_optimizer(config.optim, train.steps)
+    self.abstract = abstract_train_state(self.model_config, self.tx, config.seed)
+    check_divisible(self.abstract, self.mesh, self.rules, model_config_fields(self.model_config))
+    self.graphdef = model_graphdef(self.model_config)
+    self.shardings = state_shardings(self.abstract, self.mesh, self.rules)
+    self.batch_sharding = NamedSharding(self.mesh, logical_to_spec(("batch", "length"), self.rules))
+    self.train_step = jax.jit(
+        functools.partial(
+            train_step, graphdef=self.graphdef, tx=self.tx, schedule=self.schedule,
+            grad_accum=train.grad_accum, compute_dtype=train.compute_dtype,
+        ),
+        in_shardings=(self.shardings, self.batch_sharding),
+        out_shardings=(self.shardings, NamedSharding(self.mesh, jax.sharding.PartitionSpec())),
+        donate_argnums=0,
+    )
+    self.eval_step = jax.jit(
+        functools.partial(eval_step, graphdef=self.graphdef, compute_dtype=train.compute_dtype),
+        in_shardings=(self.shardings, self.batch_sharding),
+    )
+    self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=train.keep_checkpoints)
+
+  def init_state(self) -> TrainState:
+    with use_mesh(self.mesh, self.rules):
+      return create_train_state(self.model_config, self.tx, self.config.seed, self.shardings)
+
+  def restore_or_init(self, data_iterator) -> TrainState:
+    step = self.checkpointer.latest_step()
+    if step is None:
+      return self.init_state()
+    log.info("resuming from %s step %d", self.checkpointer.directory, step)
+    target = restore_target(self.abstract, self.shardings)
+    return self.checkpointer.restore(step, target, data_iterator)
+
+  def evaluate(self, state: TrainState) -> dict[str, float]:
+    batches = data_lib.eval_batches(
+        self.sources.validation, self.config.data.batch_size, self.config.train.eval_batches
+    )
+    sums = None
+    with use_mesh(self.mesh, self.rules):
+      for batch in batches:
+        out = self.eval_step(state, _global_batch(batch, self.batch_sharding))
+        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    sums = _fetch(sums)
+    loss = float(sums["loss_sum"] / max(sums["weight_sum"], 1.0))
+    return {
+        "eval/loss": loss,
+        "eval/perplexity": float(np.exp(min(loss, 50.0))),
+        "eval/accuracy": float(sums["correct_sum"] / max(sums["weight_sum"], 1.0)),
+    }
+
+  def run(self) -> dict[str, Any]:
+    """Trains from the latest checkpoint (or from scratch) to ``train.steps``."""
+    config, train = self.config, self.config.train
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    data_iterator = iter(data_lib.train_dataset(self.sources.train, config.data.batch_size, config.seed))
+    state = self.restore_or_init(data_iterator)
+    start = int(_fetch(state.step))
+    if jax.process_index() == 0:
+      (self.workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    writer = MetricsWriter(self.workdir, start)
+    tokens_per_step = config.data.batch_size * config.data.seq_len
+    flops_per_step = tokens_per_step * train_flops_per_token(
+        self.abstract.params, self.model_config, config.data.seq_len
+    )
+    peak = peak_flops(list(self.mesh.devices.flat))
+    summary: dict[str, Any] = {"start_step": start, "preempted": False}
+    pending: list[tuple[int, Any]] = []
+    last_time = [time.perf_counter()]
+
+    def flush(bar):
+      """Fetches queued metrics (one step late, so dispatch stays ahead), checks the loss."""
+      if not pending:
+        return
+      values = _fetch([m for _, m in pending])
+      now = time.perf_counter()
+      seconds = (now - last_time[0]) / len(pending)
+      last_time[0] = now
+      for (step, _), metrics in zip(pending, values):
+        loss = float(metrics["loss"])
+        if not np.isfinite(loss):
+          kept = self.checkpointer.latest_step()
+          raise NonFiniteLossError(
+              f"train loss is {loss} at step {step}; the run stops here. The last good "
+              f"checkpoint (step {kept}) is kept in {self.checkpointer.directory}. Lower "
+              "optim.learning_rate or optim.clip_norm, or check the data, then rerun to resume."
+          )
+        record = {
+            "train/loss": loss, "train/grad_norm": float(metrics["grad_norm"]),
+            "train/learning_rate": float(metrics["learning_rate"]),
+            "train/tokens_per_second": tokens_per_step / seconds,
+            "train/mfu": flops_per_step / seconds / peak, "train/step_seconds": seconds,
+        }
+        writer.write(step, record)
+        summary["last_train_loss"] = loss
+      bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / seconds:,.0f}")
+      pending.clear()
+
+    def save(step):
+      if not bool(_fetch(_all_finite(state.params))):
+        raise NonFiniteLossError(
+            f"parameters are not finite after step {step}; the run stops without saving them. "
+            f"The last good checkpoint (step {self.checkpointer.latest_step()}) is kept in "
+            f"{self.checkpointer.directory}. Lower optim.learning_rate, then rerun to resume."
+        )
+      self.checkpointer.save(step, state, data_iterator)
+
+    bar = tqdm(total=train.steps, initial=start, desc="train", disable=jax.process_index() != 0,
+               dynamic_ncols=True)
+    try:
+      with StopRequest() as stop, use_mesh(self.mesh, self.rules):
+        for step in range(start + 1, train.steps + 1):
+          batch = _global_batch(next(data_iterator), self.batch_sharding)
+          state, metrics = self.train_step(state, batch)
+          flush(bar)  # the previous step's metrics, while this step runs
+          pending.append((step, metrics))
+          bar.update(1)
+          last = step == train.steps
+          stopping = stop.requested()
+          if step % train.checkpoint_every == 0 or last or stopping:
+            flush(bar)  # never checkpoint a state whose loss was not checked
+            save(step)
+          if step % train.eval_every == 0 or last:
+            flush(bar)
+            eval_metrics = self.evaluate(state)
+            writer.write(step, eval_metrics)
+            summary.update(eval_metrics)
+          if stopping:
+            summary["preempted"] = True
+            log.warning("stop requested: saved checkpoint at step %d, exiting", step)
+            break
+        flush(bar)
+    finally:
+      bar.close()
+      self.checkpointer.close()
+      writer.close()
+    summary["final_step"] = int(_fetch(state.step))
+    self.state = state
+    return summary
+
+  def write_report(self, num_samples: int, sample_tokens: int) -> None:
+    """Loss plot and, for text data, sample continuations of validation prompts."""
+    entropy = None
+    if self.sources.tokenizer is not None:
+      entropy = report.unigram_entropy(self.sources.train.tokens)
+    if jax.process_index() == 0:
+      report.plot_losses(self.workdir / "metrics.jsonl", self.workdir / "loss.png", entropy)
+      (self.workdir / "summary.json").write_text(json.dumps({"unigram_entropy": entropy}, indent=2))
+    if num_samples and self.sources.tokenizer is not None:
+      self.write_samples(num_samples, sample_tokens)
+
+  def write_samples(self, num_samples: int, sample_tokens: int) -> None:
+    """Continues the openings of validation documents (temperature 0.8, top-k 40),
+    staying inside the trained context length."""
+    tokenizer, seq_len = self.sources.tokenizer, self.config.data.seq_len
+    prompt_len = seq_len // 4
+    stream = self.sources.validation.tokens
+    starts = [i + 1 for i in np.flatnonzero(stream == tokenizer.eos_id) if i + 1 + prompt_len < len(stream)]
+    starts = (starts + list(range(0, len(stream) - prompt_len, prompt_len)))[:num_samples]
+    prompts = np.stack([stream[s : s + prompt_len] for s in starts])
+    model = nnx.merge(self.graphdef, self.state.params, self.state.model_state)
+    with use_mesh(self.mesh, self.rules):
+      tokens = generate(model, prompts, min(sample_tokens, seq_len - prompt_len), temperature=0.8,
+                        top_k=40, rng=jax.random.key(self.config.seed))
+    tokens = _fetch(tokens)
+    if jax.process_index() == 0:
+      text = [f"--- prompt ---\n{tokenizer.decode(p)}\n--- continuation ---\n{tokenizer.decode(c)}\n"
+              for p, c in zip(prompts, tokens)]
+      (self.workdir / "samples.txt").write_text("\n".join(text))
+
+
+def train_and_report(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+  trainer = Trainer(config, workdir)
+  summary = trainer.run()
+  if not summary["preempted"]:
+    trainer.write_report(config.train.num_samples, config.train.sample_tokens)
+  return summary

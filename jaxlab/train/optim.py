@@ -1,0 +1,42 @@
+"""AdamW with linear warmup, cosine decay, global-norm clipping, and no weight decay
+on norms and biases."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+
+def learning_rate_schedule(optim: Any, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to ``learning_rate``, then cosine decay to
+  ``learning_rate * min_lr_ratio`` at ``total_steps``."""
+  if optim.warmup_steps >= total_steps:
+    raise ValueError(
+        f"optim.warmup_steps={optim.warmup_steps} must be below train.steps={total_steps}."
+    )
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0,
+      peak_value=optim.learning_rate,
+      warmup_steps=optim.warmup_steps,
+      decay_steps=total_steps,
+      end_value=optim.learning_rate * optim.min_lr_ratio,
+  )
+
+
+def decay_mask(params: Any) -> Any:
+  """Weight decay applies to matrices only: norm scales and biases (1-d) are exempt."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(optim: Any, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  schedule = learning_rate_schedule(optim, total_steps)
+  tx = optax.chain(
+      optax.clip_by_global_norm(optim.clip_norm),
+      optax.adamw(
+          schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+          weight_decay=optim.weight_decay, mask=decay_mask,
+      ),
+  )
+  return tx, schedule

@@ -1,0 +1,97 @@
+"""Jitted train and eval steps on functional NNX state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxlab.sharding import shard
+from jaxlab.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def cast_floating(tree: Any, dtype) -> Any:
+  """Casts floating leaves to ``dtype`` (fp32 master weights, low-precision compute)."""
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+  )
+
+
+def weighted_cross_entropy(logits_BxLxV: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Sums over tokens of weight · CE and weight · [argmax == target], and of weights."""
+  logits = logits_BxLxV.astype(jnp.float32)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  weights = batch["weights"]
+  correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
+  return jnp.sum(losses * weights), jnp.sum(correct * weights), jnp.sum(weights)
+
+
+def _forward(graphdef: nnx.GraphDef, params: Any, model_state: Any, batch: Batch, dtype) -> jax.Array:
+  model = nnx.merge(graphdef, cast_floating(params, dtype), model_state)
+  inputs = shard(batch["inputs"], ("batch", "length"))
+  return model(inputs)
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    grad_accum: int,
+    compute_dtype: str,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step over the global batch, split into ``grad_accum`` micro-batches.
+
+  The loss is the weighted token mean over the whole batch, so accumulating
+  micro-batches gives the same update as one large batch.
+  """
+  dtype = COMPUTE_DTYPES[compute_dtype]
+
+  def loss_sum(params, micro):
+    logits = _forward(graphdef, params, state.model_state, micro, dtype)
+    total, _, weight = weighted_cross_entropy(logits, micro)
+    return total, weight
+
+  grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+  # Micro-batch m takes rows m, m + A, m + 2A, ...: each device keeps its own rows.
+  micro_batches = jax.tree.map(
+      lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1),
+      batch,
+  )
+
+  def accumulate(carry, micro):
+    (total, weight), grads = grad_fn(state.params, micro)
+    return jax.tree.map(jnp.add, carry, (total, weight, grads)), None
+
+  zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+           jax.tree.map(jnp.zeros_like, state.params))
+  (total, weight, grads), _ = jax.lax.scan(accumulate, zeros, micro_batches)
+  weight = jnp.maximum(weight, 1.0)
+  grads = jax.tree.map(lambda g: g / weight, grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  rng, _ = jax.random.split(state.rng)
+  metrics = {
+      "loss": total / weight,
+      "grad_norm": optax.tree.norm(grads),
+      "learning_rate": schedule(state.step),
+  }
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+  return new_state, metrics
+
+
+def eval_step(
+    state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef, compute_dtype: str
+) -> dict[str, jax.Array]:
+  """Sums of weighted loss, correct predictions and weights over one batch."""
+  logits = _forward(graphdef, state.params, state.model_state, batch, COMPUTE_DTYPES[compute_dtype])
+  total, correct, weight = weighted_cross_entropy(logits, batch)
+  return {"loss_sum": total, "correct_sum": correct, "weight_sum": weight}

@@ -1,0 +1,30 @@
+"""FLOP counts for MFU."""
+
+import math
+
+import jax
+import pytest
+from flax import nnx
+
+from jaxlab.nn import ModelConfig, Transformer
+from jaxlab.train.flops import matmul_params, peak_flops, train_flops_per_token
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_flops_per_token_by_hand(tie):
+  config = ModelConfig(vocab_size=100, d_model=32, num_layers=3, num_heads=4, num_kv_heads=2,
+                       mlp_dim=64, tie_embeddings=tie)
+  params = nnx.state(Transformer(config, rngs=nnx.Rngs(0)), nnx.Param)
+  d, f, kv_dim = 32, 64, 2 * 8
+  per_layer = d * d + 2 * d * kv_dim + d * d + 3 * d * f  # q, k, v, o, gate/up/down
+  head = 100 * d  # the output projection (the tied table, or lm_head)
+  assert matmul_params(params, tie) == 3 * per_layer + head
+  seq = 128
+  attention = 3 * 4 * 4 * 8 * (seq + 1) / 2  # fwd+bwd x (QK + AV) x heads x head_dim x causal mean
+  assert train_flops_per_token(params, config, seq) == pytest.approx(
+      6 * (3 * per_layer + head) + 3 * attention)
+
+
+def test_cpu_peak_is_measured_and_plausible():
+  peak = peak_flops(jax.devices()[:1])
+  assert 1e8 < peak < 1e14 and math.isfinite(peak)
