@@ -120,8 +120,7 @@ def sample_token(
 def _generate(graphdef, state, prompt, rng, temperature, *, max_new_tokens, top_k):
   model = nnx.merge(graphdef, state)
   b, t = prompt.shape
-  dtype = jax.tree.leaves(state)[0].dtype
-  caches = model.init_cache(b, t + max_new_tokens, dtype)
+  caches = model.init_cache(b, t + max_new_tokens, model.embed.table.dtype)
   logits, caches = model.decode(prompt, caches)
   first = sample_token(logits[:, -1], jax.random.fold_in(rng, 0), temperature, top_k)
 

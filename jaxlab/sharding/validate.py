@@ -34,8 +34,8 @@ def check_batch(batch_size: int, grad_accum: int, mesh: Mesh, rules: Rules) -> N
     raise ValueError(
         f"data.batch_size={batch_size} is not divisible by train.grad_accum={grad_accum}."
     )
-  entry = logical_to_spec(("batch",), rules)[0]
-  shards = spec_size(logical_to_spec(("batch",), rules), mesh.shape)[0]
+  spec = logical_to_spec(("batch",), rules)
+  entry, shards = spec[0], spec_size(spec, mesh.shape)[0]
   micro = batch_size // grad_accum
   if micro % shards:
     raise ValueError(

@@ -7,6 +7,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -67,6 +68,45 @@ def _fetch(tree: Any) -> Any:
   if jax.process_count() == 1:
     return jax.device_get(tree)
   return multihost_utils.process_allgather(tree, tiled=True)
+
+
+class _MetricsQueue:
+  """Train metrics fetched one step late, so the host never stalls the device queue;
+  each fetched loss is checked before the record is written."""
+
+  def __init__(self, writer: MetricsWriter, tokens_per_step: int, *, flops_per_step: float,
+               peak_flops: float, nonfinite: Callable[[int, float], Exception]):
+    self.writer, self.tokens_per_step = writer, tokens_per_step
+    self.flops_per_step, self.peak_flops, self.nonfinite = flops_per_step, peak_flops, nonfinite
+    self.pending: list[tuple[int, Any]] = []
+    self.last_time = time.perf_counter()
+    self.last_loss: float | None = None
+
+  def push(self, step: int, metrics: Any) -> None:
+    self.pending.append((step, metrics))
+
+  def flush(self, bar: tqdm) -> None:
+    if not self.pending:
+      return
+    values = _fetch([m for _, m in self.pending])
+    now = time.perf_counter()
+    seconds = (now - self.last_time) / len(self.pending)
+    self.last_time = now
+    for (step, _), metrics in zip(self.pending, values):
+      loss = float(metrics["loss"])
+      if not np.isfinite(loss):
+        raise self.nonfinite(step, loss)
+      self.writer.write(step, {
+          "train/loss": loss, "train/grad_norm": float(metrics["grad_norm"]),
+          "train/learning_rate": float(metrics["learning_rate"]),
+          "train/tokens_per_second": self.tokens_per_step / seconds,
+          "train/mfu": self.flops_per_step / seconds / self.peak_flops,
+          "train/step_seconds": seconds,
+      })
+      self.last_loss = loss
+    self.pending.clear()
+    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{self.tokens_per_step / seconds:,.0f}",
+                    mfu=f"{self.flops_per_step / seconds / self.peak_flops:.1%}")
 
 
 class Trainer:
@@ -142,6 +182,14 @@ class Trainer:
         "eval/accuracy": float(sums["correct_sum"] / max(sums["weight_sum"], 1.0)),
     }
 
+  def _stop_error(self, what: str, step: int) -> NonFiniteLossError:
+    return NonFiniteLossError(
+        f"{what} at step {step}; the run stops here without saving that state. The last good "
+        f"checkpoint (step {self.checkpointer.latest_step()}) is kept in "
+        f"{self.checkpointer.directory}. Lower optim.learning_rate or optim.clip_norm, or "
+        "check the data, then rerun to resume from it."
+    )
+
   def run(self) -> dict[str, Any]:
     """Trains from the latest checkpoint (or from scratch) to ``train.steps``."""
     config, train = self.config, self.config.train
@@ -153,51 +201,14 @@ class Trainer:
       (self.workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     writer = MetricsWriter(self.workdir, start)
     tokens_per_step = config.data.batch_size * config.data.seq_len
-    flops_per_step = tokens_per_step * train_flops_per_token(
-        self.abstract.params, self.model_config, config.data.seq_len
+    queue = _MetricsQueue(
+        writer, tokens_per_step,
+        flops_per_step=tokens_per_step * train_flops_per_token(
+            self.abstract.params, self.model_config, config.data.seq_len),
+        peak_flops=peak_flops(list(self.mesh.devices.flat)),
+        nonfinite=lambda step, loss: self._stop_error(f"train loss is {loss}", step),
     )
-    peak = peak_flops(list(self.mesh.devices.flat))
     summary: dict[str, Any] = {"start_step": start, "preempted": False}
-    pending: list[tuple[int, Any]] = []
-    last_time = [time.perf_counter()]
-
-    def flush(bar):
-      """Fetches queued metrics (one step late, so dispatch stays ahead), checks the loss."""
-      if not pending:
-        return
-      values = _fetch([m for _, m in pending])
-      now = time.perf_counter()
-      seconds = (now - last_time[0]) / len(pending)
-      last_time[0] = now
-      for (step, _), metrics in zip(pending, values):
-        loss = float(metrics["loss"])
-        if not np.isfinite(loss):
-          kept = self.checkpointer.latest_step()
-          raise NonFiniteLossError(
-              f"train loss is {loss} at step {step}; the run stops here. The last good "
-              f"checkpoint (step {kept}) is kept in {self.checkpointer.directory}. Lower "
-              "optim.learning_rate or optim.clip_norm, or check the data, then rerun to resume."
-          )
-        record = {
-            "train/loss": loss, "train/grad_norm": float(metrics["grad_norm"]),
-            "train/learning_rate": float(metrics["learning_rate"]),
-            "train/tokens_per_second": tokens_per_step / seconds,
-            "train/mfu": flops_per_step / seconds / peak, "train/step_seconds": seconds,
-        }
-        writer.write(step, record)
-        summary["last_train_loss"] = loss
-      bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / seconds:,.0f}")
-      pending.clear()
-
-    def save(step):
-      if not bool(_fetch(_all_finite(state.params))):
-        raise NonFiniteLossError(
-            f"parameters are not finite after step {step}; the run stops without saving them. "
-            f"The last good checkpoint (step {self.checkpointer.latest_step()}) is kept in "
-            f"{self.checkpointer.directory}. Lower optim.learning_rate, then rerun to resume."
-        )
-      self.checkpointer.save(step, state, data_iterator)
-
     bar = tqdm(total=train.steps, initial=start, desc="train", disable=jax.process_index() != 0,
                dynamic_ncols=True)
     try:
@@ -205,16 +216,17 @@ class Trainer:
         for step in range(start + 1, train.steps + 1):
           batch = _global_batch(next(data_iterator), self.batch_sharding)
           state, metrics = self.train_step(state, batch)
-          flush(bar)  # the previous step's metrics, while this step runs
-          pending.append((step, metrics))
+          queue.flush(bar)  # the previous step's metrics, while this step runs
+          queue.push(step, metrics)
           bar.update(1)
-          last = step == train.steps
-          stopping = stop.requested()
+          last, stopping = step == train.steps, stop.requested()
           if step % train.checkpoint_every == 0 or last or stopping:
-            flush(bar)  # never checkpoint a state whose loss was not checked
-            save(step)
+            queue.flush(bar)  # never checkpoint a state whose loss was not checked
+            if not bool(_fetch(_all_finite(state.params))):
+              raise self._stop_error("parameters are not finite", step)
+            self.checkpointer.save(step, state, data_iterator)
           if step % train.eval_every == 0 or last:
-            flush(bar)
+            queue.flush(bar)
             eval_metrics = self.evaluate(state)
             writer.write(step, eval_metrics)
             summary.update(eval_metrics)
@@ -222,12 +234,13 @@ class Trainer:
             summary["preempted"] = True
             log.warning("stop requested: saved checkpoint at step %d, exiting", step)
             break
-        flush(bar)
+        queue.flush(bar)
     finally:
       bar.close()
       self.checkpointer.close()
       writer.close()
     summary["final_step"] = int(_fetch(state.step))
+    summary["last_train_loss"] = queue.last_loss
     self.state = state
     return summary
 

@@ -143,3 +143,40 @@ def test_bad_config_names_the_field(overrides, field):
 def test_unknown_config_field_is_rejected():
   with pytest.raises(ValueError, match="num_expert"):
     ModelConfig.from_dict({"num_expert": 4})
+
+
+class ShiftMixer(nnx.Module):
+  """A test mixer: position t outputs x_{t-1}; its cache is the last token seen."""
+
+  def __init__(self, config, *, layer, rngs):
+    del layer, rngs
+    self.d_model = config.d_model
+
+  def __call__(self, x, positions):
+    del positions
+    return jnp.pad(x, ((0, 0), (1, 0), (0, 0)))[:, :-1]
+
+  def init_cache(self, batch, max_len, dtype=jnp.float32):
+    del max_len
+    return jnp.zeros((batch, 1, self.d_model), dtype)
+
+  def decode(self, x, cache):
+    shifted = jnp.concatenate([cache, x], axis=1)
+    return shifted[:, :-1], shifted[:, -1:]
+
+
+def test_registered_mixers_make_hybrid_layer_patterns(monkeypatch):
+  from jaxlab.nn import MIXERS, Attention
+
+  monkeypatch.setitem(MIXERS, "shift", ShiftMixer)
+  config = ModelConfig(**{**TINY, "num_layers": 4, "mixers": ("shift", "shift", "attention")})
+  model = Transformer(config, rngs=nnx.Rngs(0))
+  kinds = [type(block.mixer) for block in model.blocks]
+  assert kinds == [ShiftMixer, ShiftMixer, Attention, ShiftMixer]
+  t = tokens(9, (2, 7))
+  caches = model.init_cache(2, 7)
+  steps = []
+  for i in range(7):
+    logits, caches = model.decode(t[:, i : i + 1], caches)
+    steps.append(logits)
+  chex.assert_trees_all_close(jnp.concatenate(steps, axis=1), model(t), atol=1e-5)

@@ -133,7 +133,7 @@ def test_nonfinite_parameters_are_never_checkpointed(tiny_config, tmp_path):
   tiny_config.optim.learning_rate = float("nan")
   tiny_config.train.update(steps=4, checkpoint_every=1)
   trainer = Trainer(tiny_config, tmp_path)
-  with pytest.raises(NonFiniteLossError, match="parameters are not finite after step 1"):
+  with pytest.raises(NonFiniteLossError, match="parameters are not finite at step 1"):
     trainer.run()
   assert trainer.checkpointer.latest_step() is None
 
