@@ -1,0 +1,225 @@
+"""Pallas GPU kernels: forward (online softmax), dq and dk/dv backward.
+
+Lowered through Pallas' Triton backend, the GPU lowering of the installed jax that
+supports this kernel's style (whole-tile loads, in-kernel loops over the reduction
+axis); the choice is kept in this file. Layout is the public ``[b, t, h, d]``: each
+program owns one (batch, head, row block) and loops over the other sequence in
+tiles, skipping tiles that no pair can see. Block sizes and head_dim are powers of
+two (inputs are zero-padded as needed). dk/dv are computed per query head; the caller
+sums them over each kv head's group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.flash_attention.common import (
+    MASK_VALUE, MaskParams, block_positions, kv_block_range, logsumexp, pad_axis, q_block_range,
+    round_up, score_grad, scores, visible,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  block_q: int = 64
+  block_k: int = 64
+  block_q_bwd: int = 64
+  block_k_bwd: int = 64
+  num_warps: int = 4
+  num_stages: int = 2
+
+
+def _pow2(n: int) -> int:
+  return 1 << max(n - 1, 0).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  bq: int
+  bk: int
+  t_pad: int
+  s_pad: int
+  d_pad: int
+
+
+def _layout(t: int, s: int, d: int, block_q: int, block_k: int) -> _Layout:
+  bq = min(block_q, max(16, _pow2(t)))
+  bk = min(block_k, max(16, _pow2(s)))
+  return _Layout(bq, bk, round_up(t, bq), round_up(s, bk), max(16, _pow2(d)))
+
+
+def _tile_mask(q_seg, kv_seg, q_start, k_start, bq, bk, p: MaskParams):
+  q_pos, k_pos = block_positions(bq, bk, q_start, k_start, p)
+  if p.has_segments:
+    q_seg, kv_seg = q_seg[:, None], kv_seg[None, :]
+  return visible(q_pos, k_pos, q_seg, kv_seg, p)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, *,
+                    p: MaskParams, lay: _Layout):
+  bq, bk = lay.bq, lay.bk
+  q_start = pl.program_id(2) * bq
+  q = q_ref[...]
+  q_seg = q_seg_ref[...] if p.has_segments else None
+
+  def body(j, carry):
+    m, l, acc = carry
+    keys = pl.ds(j * bk, bk)
+    k, v = k_ref[keys, :], v_ref[keys, :]
+    kv_seg = kv_seg_ref[keys] if p.has_segments else None
+    s = scores(q, k, p)
+    mask = _tile_mask(q_seg, kv_seg, q_start, j * bk, bq, bk, p)
+    s = jnp.where(mask, s, MASK_VALUE)
+    m_next = jnp.maximum(m, jnp.max(s, axis=1))
+    probs = jnp.where(mask, jnp.exp(s - m_next[:, None]), 0.0)
+    alpha = jnp.exp(m - m_next)
+    acc = acc * alpha[:, None] + jax.lax.dot(probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return m_next, alpha * l + jnp.sum(probs, axis=1), acc
+
+  lo, hi = kv_block_range(q_start, bq, bk, lay.s_pad // bk, p)
+  init = (jnp.full((bq,), MASK_VALUE, jnp.float32), jnp.zeros((bq,), jnp.float32),
+          jnp.zeros((bq, lay.d_pad), jnp.float32))
+  m, l, acc = jax.lax.fori_loop(lo, hi, body, init)
+  o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = logsumexp(m, l)
+
+
+def _tile_grads(q, k, v, do, lse, delta, q_seg, kv_seg, q_start, k_start, p, lay):
+  """ds (gradient of scale·q kᵀ) and the probabilities of one [bq, bk] tile."""
+  s = scores(q, k, p)
+  mask = _tile_mask(q_seg, kv_seg, q_start, k_start, lay.bq, lay.bk, p)
+  probs = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
+  dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  return score_grad(probs * (dp - delta[:, None]), s, p), probs
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, dq_ref, *,
+               p: MaskParams, lay: _Layout):
+  bq, bk = lay.bq, lay.bk
+  q_start = pl.program_id(2) * bq
+  q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+  q_seg = q_seg_ref[...] if p.has_segments else None
+
+  def body(j, dq):
+    keys = pl.ds(j * bk, bk)
+    k, v = k_ref[keys, :], v_ref[keys, :]
+    kv_seg = kv_seg_ref[keys] if p.has_segments else None
+    ds, _ = _tile_grads(q, k, v, do, lse, delta, q_seg, kv_seg, q_start, j * bk, p, lay)
+    return dq + jax.lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+  lo, hi = kv_block_range(q_start, bq, bk, lay.s_pad // bk, p)
+  dq = jax.lax.fori_loop(lo, hi, body, jnp.zeros((bq, lay.d_pad), jnp.float32))
+  dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref,
+                dk_ref, dv_ref, *, p: MaskParams, lay: _Layout):
+  bq, bk = lay.bq, lay.bk
+  k_start = pl.program_id(2) * bk
+  k, v = k_ref[...], v_ref[...]
+  kv_seg = kv_seg_ref[...] if p.has_segments else None
+
+  def body(i, carry):
+    dk, dv = carry
+    rows = pl.ds(i * bq, bq)
+    q, do = q_ref[rows, :], do_ref[rows, :]
+    q_seg = q_seg_ref[rows] if p.has_segments else None
+    ds, probs = _tile_grads(q, k, v, do, lse_ref[rows], delta_ref[rows], q_seg, kv_seg,
+                            i * bq, k_start, p, lay)
+    dv = dv + jax.lax.dot(probs.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
+    dk = dk + jax.lax.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
+    return dk, dv
+
+  lo, hi = q_block_range(k_start, bq, bk, lay.t_pad // bq, p)
+  zeros = jnp.zeros((bk, lay.d_pad), jnp.float32)
+  dk, dv = jax.lax.fori_loop(lo, hi, body, (zeros, zeros))
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _pad(x, seq: int, d: int):
+  return pad_axis(pad_axis(x, 1, seq), 3, d)
+
+
+def _segments(q_seg, kv_seg, lay: _Layout):
+  if q_seg is None:
+    return None, None
+  return (pad_axis(q_seg.astype(jnp.int32), 1, lay.t_pad),
+          pad_axis(kv_seg.astype(jnp.int32), 1, lay.s_pad, -1))
+
+
+def _call(kernel, grid, in_specs, out_specs, out_shape, blocks: BlockSizes, interpret, name):
+  return pl.pallas_call(
+      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      compiler_params=pltriton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
+      interpret=interpret, name=name,
+  )
+
+
+def forward(q, k, v, q_seg, kv_seg, p: MaskParams, blocks: BlockSizes, interpret):
+  """out [b, t, hq, d] and lse [b, hq, t_pad]."""
+  b, t, hq, d = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  lay = _layout(t, s, d, blocks.block_q, blocks.block_k)
+  g = hq // hkv
+  qp, kp, vp = _pad(q, lay.t_pad, lay.d_pad), _pad(k, lay.s_pad, lay.d_pad), _pad(v, lay.s_pad, lay.d_pad)
+  q_seg, kv_seg = _segments(q_seg, kv_seg, lay)
+  q_spec = pl.BlockSpec((None, lay.bq, None, lay.d_pad), lambda b_, h, i: (b_, i, h, 0))
+  kv_spec = pl.BlockSpec((None, lay.s_pad, None, lay.d_pad), lambda b_, h, i: (b_, 0, jax.lax.div(h, g), 0))
+  seg_specs = [pl.BlockSpec((None, lay.bq), lambda b_, h, i: (b_, i)),
+               pl.BlockSpec((None, lay.s_pad), lambda b_, h, i: (b_, 0))]
+  out, lse = _call(
+      functools.partial(_forward_kernel, p=p, lay=lay),
+      (b, hq, lay.t_pad // lay.bq),
+      [q_spec, kv_spec, kv_spec, *(seg_specs if p.has_segments else [None, None])],
+      [q_spec, pl.BlockSpec((None, None, lay.bq), lambda b_, h, i: (b_, h, i))],
+      [jax.ShapeDtypeStruct(qp.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, lay.t_pad), jnp.float32)],
+      blocks, interpret, "flash_attention_fwd",
+  )(qp, kp, vp, q_seg, kv_seg)
+  return out[:, :t, :, :d], lse
+
+
+def backward(q, k, v, q_seg, kv_seg, out, lse, dout, p: MaskParams, blocks: BlockSizes, interpret):
+  """dq [b, t, hq, d] and per-query-head dk, dv [b, s, hq, d]."""
+  b, t, hq, d = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  lay = _layout(t, s, d, blocks.block_q_bwd, blocks.block_k_bwd)
+  g = hq // hkv
+  qp, dop = _pad(q, lay.t_pad, lay.d_pad), _pad(dout, lay.t_pad, lay.d_pad)
+  kp, vp = _pad(k, lay.s_pad, lay.d_pad), _pad(v, lay.s_pad, lay.d_pad)
+  q_seg, kv_seg = _segments(q_seg, kv_seg, lay)
+  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
+  delta = pad_axis(delta, 2, lay.t_pad)  # [b, hq, t_pad]
+  lse = pad_axis(lse[:, :, :t], 2, lay.t_pad, jnp.inf)
+  inputs = (qp, kp, vp, dop, lse, delta, q_seg, kv_seg)
+
+  rows_q = pl.BlockSpec((None, lay.bq, None, lay.d_pad), lambda b_, h, i: (b_, i, h, 0))
+  all_kv = pl.BlockSpec((None, lay.s_pad, None, lay.d_pad), lambda b_, h, i: (b_, 0, jax.lax.div(h, g), 0))
+  rows_stat = pl.BlockSpec((None, None, lay.bq), lambda b_, h, i: (b_, h, i))
+  segs = [pl.BlockSpec((None, lay.bq), lambda b_, h, i: (b_, i)),
+          pl.BlockSpec((None, lay.s_pad), lambda b_, h, i: (b_, 0))]
+  dq = _call(
+      functools.partial(_dq_kernel, p=p, lay=lay), (b, hq, lay.t_pad // lay.bq),
+      [rows_q, all_kv, all_kv, rows_q, rows_stat, rows_stat, *(segs if p.has_segments else [None, None])],
+      rows_q, jax.ShapeDtypeStruct(qp.shape, q.dtype), blocks, interpret, "flash_attention_dq",
+  )(*inputs)
+
+  all_q = pl.BlockSpec((None, lay.t_pad, None, lay.d_pad), lambda b_, h, j: (b_, 0, h, 0))
+  rows_kv = pl.BlockSpec((None, lay.bk, None, lay.d_pad), lambda b_, h, j: (b_, j, jax.lax.div(h, g), 0))
+  all_stat = pl.BlockSpec((None, None, lay.t_pad), lambda b_, h, j: (b_, h, 0))
+  segs = [pl.BlockSpec((None, lay.t_pad), lambda b_, h, j: (b_, 0)),
+          pl.BlockSpec((None, lay.bk), lambda b_, h, j: (b_, j))]
+  out_kv = pl.BlockSpec((None, lay.bk, None, lay.d_pad), lambda b_, h, j: (b_, j, h, 0))
+  per_head = jax.ShapeDtypeStruct((b, lay.s_pad, hq, lay.d_pad), k.dtype)
+  dk, dv = _call(
+      functools.partial(_dkv_kernel, p=p, lay=lay), (b, hq, lay.s_pad // lay.bk),
+      [all_q, rows_kv, rows_kv, all_q, all_stat, all_stat, *(segs if p.has_segments else [None, None])],
+      [out_kv, out_kv], [per_head, per_head], blocks, interpret, "flash_attention_dkv",
+  )(*inputs)
+  return dq[:, :t, :, :d], dk[:, :s, :, :d], dv[:, :s, :, :d]

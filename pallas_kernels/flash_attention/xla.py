@@ -1,0 +1,123 @@
+"""Blocked online-softmax attention in plain JAX (FlashAttention-2's algorithm with the
+query loop vectorized): one ``lax.scan`` over key blocks, so memory is linear in the
+sequence length forward and backward. Usable on any backend; the CPU path."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.flash_attention.common import (
+    MASK_VALUE, MaskParams, logsumexp, pad_axis, round_up, score_grad, scores, visible,
+)
+
+DEFAULT_BLOCK_K = 512
+
+
+def _layout(q, k, v, q_seg, kv_seg, block_k):
+  """q [b, hkv, g, t, d]; k, v [nk, b, hkv, bk, d]; segments broadcastable to scores."""
+  b, t, hq, d = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  s_pad = round_up(s, block_k)
+  nk = s_pad // block_k
+  q5 = q.reshape(b, t, hkv, hq // hkv, d).transpose(0, 2, 3, 1, 4)
+
+  def blocks(x):  # [b, s, hkv, d] -> [nk, b, hkv, bk, d]
+    x = pad_axis(x, 1, s_pad).reshape(b, nk, block_k, hkv, d)
+    return x.transpose(1, 0, 3, 2, 4)
+
+  q_seg5 = None if q_seg is None else q_seg[:, None, None, :, None]
+  kv_seg_blocks = None
+  if kv_seg is not None:
+    kv_seg_blocks = pad_axis(kv_seg, 1, s_pad, -1).reshape(b, nk, block_k).transpose(1, 0, 2)
+    kv_seg_blocks = kv_seg_blocks[:, :, None, None, None, :]
+  return q5, blocks(k), blocks(v), q_seg5, kv_seg_blocks, nk
+
+
+def _tile(q5, k_blk, q_seg5, kv_seg_blk, j, block_k, p: MaskParams):
+  """Scores [b, hkv, g, t, bk] of key block j and which of them are visible."""
+  s = scores(q5, k_blk[:, :, None], p)
+  t = q5.shape[3]
+  q_pos = (jnp.arange(t, dtype=jnp.int32) + p.q_offset).reshape(1, 1, 1, t, 1)
+  k_pos = (j * block_k + jnp.arange(block_k, dtype=jnp.int32)).reshape(1, 1, 1, 1, block_k)
+  return s, visible(q_pos, k_pos, q_seg5, kv_seg_blk, p)
+
+
+def _forward(q, k, v, q_seg, kv_seg, p: MaskParams, block_k: int):
+  b, t, hq, d = q.shape
+  q5, k_blocks, v_blocks, q_seg5, kv_seg_blocks, nk = _layout(q, k, v, q_seg, kv_seg, block_k)
+  q5 = q5.astype(jnp.float32)
+  shape = q5.shape[:-1] + (1,)
+
+  def step(carry, xs):
+    m, l, acc = carry
+    j, k_blk, v_blk, kv_seg_blk = xs
+    s, mask = _tile(q5, k_blk.astype(jnp.float32), q_seg5, kv_seg_blk, j, block_k, p)
+    s = jnp.where(mask, s, MASK_VALUE)
+    m_new = jnp.maximum(m, s.max(axis=-1, keepdims=True))
+    probs = jnp.where(mask, jnp.exp(s - m_new), 0.0)
+    alpha = jnp.exp(m - m_new)
+    l = alpha * l + probs.sum(axis=-1, keepdims=True)
+    acc = alpha * acc + jnp.einsum("bkgts,bksd->bkgtd", probs, v_blk.astype(jnp.float32))
+    return (m_new, l, acc), None
+
+  init = (jnp.full(shape, MASK_VALUE, jnp.float32), jnp.zeros(shape, jnp.float32),
+          jnp.zeros(q5.shape, jnp.float32))
+  xs = (jnp.arange(nk), k_blocks, v_blocks, kv_seg_blocks)
+  (m, l, acc), _ = jax.lax.scan(step, init, xs)
+  out5 = acc / jnp.where(l > 0, l, 1.0)
+  out = out5.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d).astype(q.dtype)
+  return out, logsumexp(m, l)  # lse [b, hkv, g, t, 1]
+
+
+def _backward(q, k, v, q_seg, kv_seg, out, lse, dout, p: MaskParams, block_k: int):
+  b, t, hq, d = q.shape
+  s_len, hkv = k.shape[1], k.shape[2]
+  q5, k_blocks, v_blocks, q_seg5, kv_seg_blocks, nk = _layout(q, k, v, q_seg, kv_seg, block_k)
+  q5 = q5.astype(jnp.float32)
+  do5 = dout.reshape(b, t, hkv, hq // hkv, d).transpose(0, 2, 3, 1, 4).astype(jnp.float32)
+  o5 = out.reshape(b, t, hkv, hq // hkv, d).transpose(0, 2, 3, 1, 4).astype(jnp.float32)
+  delta = jnp.sum(do5 * o5, axis=-1, keepdims=True)
+
+  def step(dq, xs):
+    j, k_blk, v_blk, kv_seg_blk = xs
+    k_blk, v_blk = k_blk.astype(jnp.float32), v_blk.astype(jnp.float32)
+    s, mask = _tile(q5, k_blk, q_seg5, kv_seg_blk, j, block_k, p)
+    probs = jnp.where(mask, jnp.exp(s - lse), 0.0)
+    dv = jnp.einsum("bkgts,bkgtd->bksd", probs, do5)
+    dp = jnp.einsum("bkgtd,bksd->bkgts", do5, v_blk)
+    ds = score_grad(probs * (dp - delta), s, p)
+    dq = dq + jnp.einsum("bkgts,bksd->bkgtd", ds, k_blk)
+    dk = jnp.einsum("bkgts,bkgtd->bksd", ds, q5)
+    return dq, (dk, dv)
+
+  xs = (jnp.arange(nk), k_blocks, v_blocks, kv_seg_blocks)
+  dq5, (dk_blocks, dv_blocks) = jax.lax.scan(step, jnp.zeros_like(q5), xs)
+
+  def unblock(x):  # [nk, b, hkv, bk, d] -> [b, s, hkv, d]
+    return x.transpose(1, 0, 3, 2, 4).reshape(b, nk * block_k, hkv, d)[:, :s_len]
+
+  dq = dq5.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d).astype(q.dtype)
+  return dq, unblock(dk_blocks).astype(k.dtype), unblock(dv_blocks).astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def attention_xla(q, k, v, q_seg, kv_seg, p: MaskParams, block_k: int = DEFAULT_BLOCK_K):
+  """Attention over layout [b, t, h, d]; segments are [b, t] / [b, s] int arrays or None."""
+  return _forward(q, k, v, q_seg, kv_seg, p, block_k)[0]
+
+
+def _attention_fwd(q, k, v, q_seg, kv_seg, p, block_k):
+  out, lse = _forward(q, k, v, q_seg, kv_seg, p, block_k)
+  return out, (q, k, v, q_seg, kv_seg, out, lse)
+
+
+def _attention_bwd(p, block_k, residuals, dout):
+  q, k, v, q_seg, kv_seg, out, lse = residuals
+  dq, dk, dv = _backward(q, k, v, q_seg, kv_seg, out, lse, dout, p, block_k)
+  return dq, dk, dv, None, None
+
+
+attention_xla.defvjp(_attention_fwd, _attention_bwd)
