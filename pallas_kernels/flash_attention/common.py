@@ -9,7 +9,9 @@ the last t positions, as when decoding against a cache). A query sees key j when
   and (window is None  or  0 <= q_pos - j < window)     (Mistral's convention)
   and (no segments  or  q_segment == kv_segment)
 
-Scores are ``scale · q·k``, then ``cap · tanh(scores / cap)`` with a soft cap. A query
+Scores are ``scale · q·k``, minus ``slope_h · |q_pos - k_pos|`` with ALiBi slopes
+(Press et al. 2022; per query head, constants), then ``cap · tanh(scores / cap)`` with
+a soft cap. A query
 that sees no key outputs zeros; its logsumexp is +inf so backward passes give it no
 weight.
 """
@@ -35,6 +37,7 @@ class MaskParams:
   logit_soft_cap: float | None = None
   scale: float = 1.0
   has_segments: bool = False
+  has_alibi: bool = False
 
   def needs_mask(self, k_padded: bool) -> bool:
     return self.causal or self.sliding_window is not None or self.has_segments or k_padded
@@ -72,18 +75,20 @@ def tile_visible(q_start, block_q: int, k_start, block_k: int, p: MaskParams):
   return ok
 
 
-def scores(q: jax.Array, k: jax.Array, p: MaskParams) -> jax.Array:
-  """fp32 ``scale · q kᵀ`` for q [..., bq, d], k [..., bk, d] (leading dims broadcast),
-  soft-capped if asked."""
-  s = jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=jnp.float32)
-  s = s * p.scale
+def tile_scores(q, k, q_pos, k_pos, q_seg, k_seg, slope, p: MaskParams):
+  """fp32 scores of q [..., bq, d] against k [..., bk, d] (leading dims broadcast) and
+  which of them are visible; positions, segments and the ALiBi slope broadcast to
+  [..., bq, bk]."""
+  s = jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=jnp.float32) * p.scale
+  if p.has_alibi:
+    s = s - slope * jnp.abs(q_pos - k_pos).astype(jnp.float32)
   if p.logit_soft_cap is not None:
     s = p.logit_soft_cap * jnp.tanh(s / p.logit_soft_cap)
-  return s
+  return s, visible(q_pos, k_pos, q_seg, k_seg, p)
 
 
 def score_grad(ds: jax.Array, s: jax.Array, p: MaskParams) -> jax.Array:
-  """Back through the soft cap and the scale: d(scale·qk) from d(scores)."""
+  """Back through the soft cap and the scale: d(q·k) from d(scores) (ALiBi is constant)."""
   if p.logit_soft_cap is not None:
     ds = ds * (1.0 - jnp.square(s / p.logit_soft_cap))
   return ds * p.scale

@@ -21,7 +21,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.flash_attention.common import (
     MASK_VALUE, MaskParams, block_positions, kv_block_range, logsumexp, pad_axis, q_block_range,
-    round_up, score_grad, scores, visible,
+    round_up, score_grad, tile_scores,
 )
 
 
@@ -54,27 +54,28 @@ def _layout(t: int, s: int, d: int, block_q: int, block_k: int) -> _Layout:
   return _Layout(bq, bk, round_up(t, bq), round_up(s, bk), max(16, _pow2(d)))
 
 
-def _tile_mask(q_seg, kv_seg, q_start, k_start, bq, bk, p: MaskParams):
+def _tile(q, k, q_seg, kv_seg, slope, q_start, k_start, bq, bk, p: MaskParams):
+  """Scores [bq, bk] of one tile and which pairs are visible."""
   q_pos, k_pos = block_positions(bq, bk, q_start, k_start, p)
   if p.has_segments:
     q_seg, kv_seg = q_seg[:, None], kv_seg[None, :]
-  return visible(q_pos, k_pos, q_seg, kv_seg, p)
+  return tile_scores(q, k, q_pos, k_pos, q_seg, kv_seg, slope, p)
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, *,
+def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, slope_ref, o_ref, lse_ref, *,
                     p: MaskParams, lay: _Layout):
   bq, bk = lay.bq, lay.bk
   q_start = pl.program_id(2) * bq
   q = q_ref[...]
   q_seg = q_seg_ref[...] if p.has_segments else None
+  slope = slope_ref[...] if p.has_alibi else None
 
   def body(j, carry):
     m, l, acc = carry
     keys = pl.ds(j * bk, bk)
     k, v = k_ref[keys, :], v_ref[keys, :]
     kv_seg = kv_seg_ref[keys] if p.has_segments else None
-    s = scores(q, k, p)
-    mask = _tile_mask(q_seg, kv_seg, q_start, j * bk, bq, bk, p)
+    s, mask = _tile(q, k, q_seg, kv_seg, slope, q_start, j * bk, bq, bk, p)
     s = jnp.where(mask, s, MASK_VALUE)
     m_next = jnp.maximum(m, jnp.max(s, axis=1))
     probs = jnp.where(mask, jnp.exp(s - m_next[:, None]), 0.0)
@@ -90,27 +91,27 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, 
   lse_ref[...] = logsumexp(m, l)
 
 
-def _tile_grads(q, k, v, do, lse, delta, q_seg, kv_seg, q_start, k_start, p, lay):
-  """ds (gradient of scale·q kᵀ) and the probabilities of one [bq, bk] tile."""
-  s = scores(q, k, p)
-  mask = _tile_mask(q_seg, kv_seg, q_start, k_start, lay.bq, lay.bk, p)
+def _tile_grads(q, k, v, do, lse, delta, q_seg, kv_seg, slope, q_start, k_start, p, lay):
+  """ds (gradient of q kᵀ) and the probabilities of one [bq, bk] tile."""
+  s, mask = _tile(q, k, q_seg, kv_seg, slope, q_start, k_start, lay.bq, lay.bk, p)
   probs = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
   dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
   return score_grad(probs * (dp - delta[:, None]), s, p), probs
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, dq_ref, *,
-               p: MaskParams, lay: _Layout):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, slope_ref,
+               dq_ref, *, p: MaskParams, lay: _Layout):
   bq, bk = lay.bq, lay.bk
   q_start = pl.program_id(2) * bq
   q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
   q_seg = q_seg_ref[...] if p.has_segments else None
+  slope = slope_ref[...] if p.has_alibi else None
 
   def body(j, dq):
     keys = pl.ds(j * bk, bk)
     k, v = k_ref[keys, :], v_ref[keys, :]
     kv_seg = kv_seg_ref[keys] if p.has_segments else None
-    ds, _ = _tile_grads(q, k, v, do, lse, delta, q_seg, kv_seg, q_start, j * bk, p, lay)
+    ds, _ = _tile_grads(q, k, v, do, lse, delta, q_seg, kv_seg, slope, q_start, j * bk, p, lay)
     return dq + jax.lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
   lo, hi = kv_block_range(q_start, bq, bk, lay.s_pad // bk, p)
@@ -118,19 +119,20 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_se
   dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref,
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, slope_ref,
                 dk_ref, dv_ref, *, p: MaskParams, lay: _Layout):
   bq, bk = lay.bq, lay.bk
   k_start = pl.program_id(2) * bk
   k, v = k_ref[...], v_ref[...]
   kv_seg = kv_seg_ref[...] if p.has_segments else None
+  slope = slope_ref[...] if p.has_alibi else None
 
   def body(i, carry):
     dk, dv = carry
     rows = pl.ds(i * bq, bq)
     q, do = q_ref[rows, :], do_ref[rows, :]
     q_seg = q_seg_ref[rows] if p.has_segments else None
-    ds, probs = _tile_grads(q, k, v, do, lse_ref[rows], delta_ref[rows], q_seg, kv_seg,
+    ds, probs = _tile_grads(q, k, v, do, lse_ref[rows], delta_ref[rows], q_seg, kv_seg, slope,
                             i * bq, k_start, p, lay)
     dv = dv + jax.lax.dot(probs.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
     dk = dk + jax.lax.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
@@ -162,7 +164,12 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, blocks: BlockSizes, inte
   )
 
 
-def forward(q, k, v, q_seg, kv_seg, p: MaskParams, blocks: BlockSizes, interpret):
+def _slope_spec(p: MaskParams):
+  """This program's query head's ALiBi slope, as a scalar block."""
+  return pl.BlockSpec((None,), lambda b_, h, i: (h,)) if p.has_alibi else None
+
+
+def forward(q, k, v, q_seg, kv_seg, slopes, p: MaskParams, blocks: BlockSizes, interpret):
   """out [b, t, hq, d] and lse [b, hq, t_pad]."""
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
@@ -177,15 +184,16 @@ def forward(q, k, v, q_seg, kv_seg, p: MaskParams, blocks: BlockSizes, interpret
   out, lse = _call(
       functools.partial(_forward_kernel, p=p, lay=lay),
       (b, hq, lay.t_pad // lay.bq),
-      [q_spec, kv_spec, kv_spec, *(seg_specs if p.has_segments else [None, None])],
+      [q_spec, kv_spec, kv_spec, *(seg_specs if p.has_segments else [None, None]), _slope_spec(p)],
       [q_spec, pl.BlockSpec((None, None, lay.bq), lambda b_, h, i: (b_, h, i))],
       [jax.ShapeDtypeStruct(qp.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, lay.t_pad), jnp.float32)],
       blocks, interpret, "flash_attention_fwd",
-  )(qp, kp, vp, q_seg, kv_seg)
+  )(qp, kp, vp, q_seg, kv_seg, slopes)
   return out[:, :t, :, :d], lse
 
 
-def backward(q, k, v, q_seg, kv_seg, out, lse, dout, p: MaskParams, blocks: BlockSizes, interpret):
+def backward(q, k, v, q_seg, kv_seg, slopes, out, lse, dout, p: MaskParams, blocks: BlockSizes,
+             interpret):
   """dq [b, t, hq, d] and per-query-head dk, dv [b, s, hq, d]."""
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
@@ -197,7 +205,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, p: MaskParams, blocks: Bloc
   delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
   delta = pad_axis(delta, 2, lay.t_pad)  # [b, hq, t_pad]
   lse = pad_axis(lse[:, :, :t], 2, lay.t_pad, jnp.inf)
-  inputs = (qp, kp, vp, dop, lse, delta, q_seg, kv_seg)
+  inputs = (qp, kp, vp, dop, lse, delta, q_seg, kv_seg, slopes)
 
   rows_q = pl.BlockSpec((None, lay.bq, None, lay.d_pad), lambda b_, h, i: (b_, i, h, 0))
   all_kv = pl.BlockSpec((None, lay.s_pad, None, lay.d_pad), lambda b_, h, i: (b_, 0, jax.lax.div(h, g), 0))
@@ -206,7 +214,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, p: MaskParams, blocks: Bloc
           pl.BlockSpec((None, lay.s_pad), lambda b_, h, i: (b_, 0))]
   dq = _call(
       functools.partial(_dq_kernel, p=p, lay=lay), (b, hq, lay.t_pad // lay.bq),
-      [rows_q, all_kv, all_kv, rows_q, rows_stat, rows_stat, *(segs if p.has_segments else [None, None])],
+      [rows_q, all_kv, all_kv, rows_q, rows_stat, rows_stat, *(segs if p.has_segments else [None, None]),
+       _slope_spec(p)],
       rows_q, jax.ShapeDtypeStruct(qp.shape, q.dtype), blocks, interpret, "flash_attention_dq",
   )(*inputs)
 
@@ -219,7 +228,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, p: MaskParams, blocks: Bloc
   per_head = jax.ShapeDtypeStruct((b, lay.s_pad, hq, lay.d_pad), k.dtype)
   dk, dv = _call(
       functools.partial(_dkv_kernel, p=p, lay=lay), (b, hq, lay.s_pad // lay.bk),
-      [all_q, rows_kv, rows_kv, all_q, all_stat, all_stat, *(segs if p.has_segments else [None, None])],
+      [all_q, rows_kv, rows_kv, all_q, all_stat, all_stat, *(segs if p.has_segments else [None, None]),
+       _slope_spec(p)],
       [out_kv, out_kv], [per_head, per_head], blocks, interpret, "flash_attention_dkv",
   )(*inputs)
   return dq[:, :t, :, :d], dk[:, :s, :, :d], dv[:, :s, :, :d]

@@ -51,31 +51,31 @@ def _group_sum(x: jax.Array, kv_heads: int) -> jax.Array:
   return x.reshape(b, s, kv_heads, hq // kv_heads, d).sum(axis=3, dtype=jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _pallas_attention(q, k, v, q_seg, kv_seg, kernel: _Kernel):
-  return _pallas_forward(q, k, v, q_seg, kv_seg, kernel)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _pallas_attention(q, k, v, q_seg, kv_seg, slopes, kernel: _Kernel):
+  return _pallas_forward(q, k, v, q_seg, kv_seg, slopes, kernel)[0]
 
 
-def _pallas_forward(q, k, v, q_seg, kv_seg, kernel: _Kernel):
+def _pallas_forward(q, k, v, q_seg, kv_seg, slopes, kernel: _Kernel):
   blocks, interpret = kernel.call_args()
-  out, lse = kernel.module.forward(q, k, v, q_seg, kv_seg, kernel.params, blocks, interpret)
-  return out, (q, k, v, q_seg, kv_seg, out, lse)
+  out, lse = kernel.module.forward(q, k, v, q_seg, kv_seg, slopes, kernel.params, blocks, interpret)
+  return out, (q, k, v, q_seg, kv_seg, slopes, out, lse)
 
 
 def _pallas_backward(kernel: _Kernel, residuals, dout):
-  q, k, v, q_seg, kv_seg, out, lse = residuals
+  q, k, v, q_seg, kv_seg, slopes, out, lse = residuals
   blocks, interpret = kernel.call_args()
-  dq, dk, dv = kernel.module.backward(q, k, v, q_seg, kv_seg, out, lse, dout, kernel.params,
-                                      blocks, interpret)
+  dq, dk, dv = kernel.module.backward(q, k, v, q_seg, kv_seg, slopes, out, lse, dout,
+                                      kernel.params, blocks, interpret)
   kv_heads = k.shape[2]
   return (dq, _group_sum(dk, kv_heads).astype(k.dtype), _group_sum(dv, kv_heads).astype(v.dtype),
-          None, None)
+          None, None, None)
 
 
 _pallas_attention.defvjp(_pallas_forward, _pallas_backward)
 
 
-def _validate(q, k, v, segment_ids, sliding_window, logit_soft_cap, implementation):
+def _validate(q, k, v, segment_ids, sliding_window, logit_soft_cap, alibi_slopes, implementation):
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"q, k, v must be [batch, time, heads, head_dim]; got {q.shape}, {k.shape}, {v.shape}")
   if k.shape != v.shape:
@@ -93,6 +93,8 @@ def _validate(q, k, v, segment_ids, sliding_window, logit_soft_cap, implementati
     raise ValueError(f"sliding_window={sliding_window} must be >= 1")
   if logit_soft_cap is not None and logit_soft_cap <= 0:
     raise ValueError(f"logit_soft_cap={logit_soft_cap} must be > 0")
+  if alibi_slopes is not None and alibi_slopes.shape != (q.shape[2],):
+    raise ValueError(f"alibi_slopes must be [query heads] = ({q.shape[2]},); got {alibi_slopes.shape}")
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation={implementation!r}; use one of {IMPLEMENTATIONS}")
 
@@ -107,6 +109,7 @@ def flash_attention(
     sliding_window: int | None = None,
     logit_soft_cap: float | None = None,
     scale: float | None = None,
+    alibi_slopes: Float[Array, "hq"] | None = None,
     implementation: str | None = None,
     block_sizes: BlockSizes = BlockSizes(),
     interpret_backend: str = "tpu",
@@ -118,8 +121,8 @@ def flash_attention(
   Semantics (see common.py): query head i reads kv head ``i // (hq // hkv)``; query i
   sits at position ``i + s - t``; ``causal``, ``sliding_window`` (``0 <= q - k < w``)
   and ``segment_ids`` restrict what it sees; scores are ``scale · q·k`` (default
-  ``1/sqrt(d)``), soft-capped as ``cap · tanh(scores / cap)``; a query that sees no key
-  returns zeros.
+  ``1/sqrt(d)``), minus ``alibi_slopes[h] · |q_pos - k_pos|`` (constants, no gradient),
+  soft-capped as ``cap · tanh(scores / cap)``; a query that sees no key returns zeros.
 
   ``implementation``: ``"xla"`` blocked online softmax in plain JAX; ``"pallas"`` the
   Mosaic kernel on TPU and the Pallas GPU kernel on GPU; ``"pallas_interpret"`` the
@@ -128,21 +131,22 @@ def flash_attention(
   Under an active mesh the call runs inside ``shard_map`` with batch split over
   ``batch_axes`` and heads over ``head_axes``.
   """
-  _validate(q, k, v, segment_ids, sliding_window, logit_soft_cap, implementation)
+  _validate(q, k, v, segment_ids, sliding_window, logit_soft_cap, alibi_slopes, implementation)
   t, s, d = q.shape[1], k.shape[1], q.shape[3]
   params = MaskParams(
       q_offset=s - t, kv_len=s, causal=causal, sliding_window=sliding_window,
       logit_soft_cap=logit_soft_cap, scale=d**-0.5 if scale is None else float(scale),
-      has_segments=segment_ids is not None,
+      has_segments=segment_ids is not None, has_alibi=alibi_slopes is not None,
   )
+  slopes = None if alibi_slopes is None else jax.lax.stop_gradient(alibi_slopes.astype(jnp.float32))
   q_seg, kv_seg = (None, None) if segment_ids is None else segment_ids
 
-  def run(q, k, v, q_seg, kv_seg):
+  def run(q, k, v, q_seg, kv_seg, slopes):
     kernel = functools.partial(_Kernel, params=params, blocks=block_sizes)
     on_tpu = lambda *a: _pallas_attention(*a, kernel("tpu", interpret=False))  # noqa: E731
     on_gpu = lambda *a: _pallas_attention(*a, kernel("gpu", interpret=False))  # noqa: E731
     on_xla = lambda *a: xla.attention_xla(*a, params, block_sizes.xla_block_k)  # noqa: E731
-    args = (q, k, v, q_seg, kv_seg)
+    args = (q, k, v, q_seg, kv_seg, slopes)
     if implementation == "xla":
       return on_xla(*args)
     if implementation == "pallas_interpret":
@@ -153,9 +157,10 @@ def flash_attention(
 
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    return run(q, k, v, q_seg, kv_seg)
+    return run(q, k, v, q_seg, kv_seg, slopes)
   heads = P(batch_axes, None, head_axes, None)
   rows = P(batch_axes, None)
   seg_specs = (None, None) if segment_ids is None else (rows, rows)
-  return jax.shard_map(run, in_specs=(heads, heads, heads, *seg_specs), out_specs=heads,
-                       check_vma=False)(q, k, v, q_seg, kv_seg)
+  slope_spec = None if slopes is None else P(head_axes)
+  return jax.shard_map(run, in_specs=(heads, heads, heads, *seg_specs, slope_spec), out_specs=heads,
+                       check_vma=False)(q, k, v, q_seg, kv_seg, slopes)

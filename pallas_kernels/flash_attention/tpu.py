@@ -21,8 +21,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.flash_attention.common import (
-    MASK_VALUE, MaskParams, block_positions, logsumexp, pad_axis, round_up, score_grad, scores,
-    tile_visible, visible,
+    MASK_VALUE, MaskParams, block_positions, logsumexp, pad_axis, round_up, score_grad, tile_scores,
+    tile_visible,
 )
 
 LANES, SUBLANES = 128, 8
@@ -45,16 +45,19 @@ def _lanes(x: jax.Array, width: int) -> jax.Array:
   raise ValueError(f"width {width} must be below 128 or a multiple of it")
 
 
-def _tile_mask(q_seg_ref, kv_seg_ref, q_start, k_start, bq, bk, p: MaskParams):
+def _tile(q, k, q_seg_ref, kv_seg_ref, slopes_ref, q_start, k_start, bq, bk, p: MaskParams):
+  """Scores [bq, bk] of one tile and which pairs are visible."""
   q_pos, k_pos = block_positions(bq, bk, q_start, k_start, p)
-  q_seg = k_seg = None
+  q_seg = k_seg = slope = None
   if p.has_segments:
     q_seg = _lanes(q_seg_ref[...], bk)  # [bq, bk]
     k_seg = kv_seg_ref[:1, :]  # [1, bk]
-  return visible(q_pos, k_pos, q_seg, k_seg, p)
+  if p.has_alibi:
+    slope = slopes_ref[pl.program_id(1)]  # this query head's slope, from SMEM
+  return tile_scores(q, k, q_pos, k_pos, q_seg, k_seg, slope, p)
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref,
+def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, slopes_ref, o_ref, lse_ref,
                     m_scratch, l_scratch, acc_scratch, *, p: MaskParams, bq: int, bk: int):
   i, j = pl.program_id(2), pl.program_id(3)
 
@@ -67,8 +70,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref,
   @pl.when(tile_visible(i * bq, bq, j * bk, bk, p))
   def _accumulate():
     v = v_ref[...]
-    s = scores(q_ref[...], k_ref[...], p)  # [bq, bk]
-    mask = _tile_mask(q_seg_ref, kv_seg_ref, i * bq, j * bk, bq, bk, p)
+    s, mask = _tile(q_ref[...], k_ref[...], q_seg_ref, kv_seg_ref, slopes_ref, i * bq, j * bk, bq, bk, p)
     s = jnp.where(mask, s, MASK_VALUE)
     m_prev = m_scratch[...]  # [bq, 128]
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1)[:, None])
@@ -88,18 +90,17 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref,
 
 
 def _backward_tile(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref,
-                   q_start, k_start, p: MaskParams, bq: int, bk: int):
-  """ds [bq, bk] (the gradient of scale·q kᵀ) and the probabilities of one tile."""
+                   slopes_ref, q_start, k_start, p: MaskParams, bq: int, bk: int):
+  """ds [bq, bk] (the gradient of q kᵀ) and the probabilities of one tile."""
   q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-  s = scores(q, k, p)
-  mask = _tile_mask(q_seg_ref, kv_seg_ref, q_start, k_start, bq, bk, p)
+  s, mask = _tile(q, k, q_seg_ref, kv_seg_ref, slopes_ref, q_start, k_start, bq, bk, p)
   probs = jnp.where(mask, jnp.exp(s - _lanes(lse_ref[...], bk)), 0.0)
   dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
   ds = score_grad(probs * (dp - _lanes(delta_ref[...], bk)), s, p)
   return ds, probs, q, k, do
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref,
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, slopes_ref,
                dq_ref, dq_scratch, *, p: MaskParams, bq: int, bk: int):
   i, j = pl.program_id(2), pl.program_id(3)
 
@@ -110,7 +111,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_se
   @pl.when(tile_visible(i * bq, bq, j * bk, bk, p))
   def _accumulate():
     ds, _, _, k, _ = _backward_tile(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref,
-                                    kv_seg_ref, i * bq, j * bk, p, bq, bk)
+                                    kv_seg_ref, slopes_ref, i * bq, j * bk, p, bq, bk)
     dq_scratch[...] += jax.lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
   @pl.when(j == pl.num_programs(3) - 1)
@@ -118,7 +119,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_se
     dq_ref[...] = dq_scratch[...].astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref,
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, slopes_ref,
                 dk_ref, dv_ref, dk_scratch, dv_scratch, *, p: MaskParams, bq: int, bk: int):
   j, i = pl.program_id(2), pl.program_id(3)  # key block outer, query block inner
 
@@ -130,7 +131,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_s
   @pl.when(tile_visible(i * bq, bq, j * bk, bk, p))
   def _accumulate():
     ds, probs, q, _, do = _backward_tile(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-                                         q_seg_ref, kv_seg_ref, i * bq, j * bk, p, bq, bk)
+                                         q_seg_ref, kv_seg_ref, slopes_ref, i * bq, j * bk, p, bq, bk)
     dv_scratch[...] += jax.lax.dot(probs.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
     dk_scratch[...] += jax.lax.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
 
@@ -191,7 +192,11 @@ def _params():
   return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
 
 
-def forward(q, k, v, q_seg, kv_seg, p: MaskParams, blocks: BlockSizes, interpret):
+def _slopes_spec(p: MaskParams):
+  return pl.BlockSpec(memory_space=pltpu.SMEM) if p.has_alibi else None
+
+
+def forward(q, k, v, q_seg, kv_seg, slopes, p: MaskParams, blocks: BlockSizes, interpret):
   """Returns out [b, t, hq, d] and lse [b, hq, t_pad, 128] (padded, lane-replicated)."""
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
@@ -203,7 +208,7 @@ def forward(q, k, v, q_seg, kv_seg, p: MaskParams, blocks: BlockSizes, interpret
   out, lse = pl.pallas_call(
       kernel,
       grid=(b, hq, lay.t_pad // lay.bq, lay.s_pad // lay.bk),
-      in_specs=[q_spec, kv_spec, kv_spec, *seg_specs],
+      in_specs=[q_spec, kv_spec, kv_spec, *seg_specs, _slopes_spec(p)],
       out_specs=[q_spec, row_spec],
       out_shape=[jax.ShapeDtypeStruct(qt.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, hq, lay.t_pad, LANES), jnp.float32)],
@@ -212,11 +217,12 @@ def forward(q, k, v, q_seg, kv_seg, p: MaskParams, blocks: BlockSizes, interpret
       compiler_params=_params(),
       interpret=interpret,
       name="flash_attention_fwd",
-  )(qt, kt, vt, q_seg, kv_seg)
+  )(qt, kt, vt, q_seg, kv_seg, slopes)
   return out.transpose(0, 2, 1, 3)[:, :t], lse
 
 
-def backward(q, k, v, q_seg, kv_seg, out, lse, dout, p: MaskParams, blocks: BlockSizes, interpret):
+def backward(q, k, v, q_seg, kv_seg, slopes, out, lse, dout, p: MaskParams, blocks: BlockSizes,
+             interpret):
   """dq [b, t, hq, d] and per-query-head dk, dv [b, s, hq, d]."""
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
@@ -228,12 +234,13 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, dout, p: MaskParams, blocks: Bloc
   delta = jnp.broadcast_to(pad_axis(delta, 1, lay.t_pad).transpose(0, 2, 1)[..., None],
                            (b, hq, lay.t_pad, LANES))
   lse = pad_axis(lse[:, :, :t], 2, lay.t_pad, jnp.inf) if fwd_lay.t_pad != lay.t_pad else lse
-  inputs = (qt, kt, vt, dot_, lse, delta, q_seg, kv_seg)
+  inputs = (qt, kt, vt, dot_, lse, delta, q_seg, kv_seg, slopes)
 
   def specs(rows):
     q_spec, kv_spec, row_spec, q_seg_spec, kv_seg_spec, out_k_spec = _specs(lay, d, hq // hkv, rows)
     seg = [q_seg_spec, kv_seg_spec] if p.has_segments else [None, None]
-    return [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, *seg], q_spec, out_k_spec
+    return ([q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, *seg, _slopes_spec(p)], q_spec,
+            out_k_spec)
 
   nq, nk = lay.t_pad // lay.bq, lay.s_pad // lay.bk
   in_specs, q_spec, _ = specs("outer")

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.flash_attention.common import (
-    MASK_VALUE, MaskParams, logsumexp, pad_axis, round_up, score_grad, scores, visible,
+    MASK_VALUE, MaskParams, logsumexp, pad_axis, round_up, score_grad, tile_scores,
 )
 
 DEFAULT_BLOCK_K = 512
@@ -36,25 +36,32 @@ def _layout(q, k, v, q_seg, kv_seg, block_k):
   return q5, blocks(k), blocks(v), q_seg5, kv_seg_blocks, nk
 
 
-def _tile(q5, k_blk, q_seg5, kv_seg_blk, j, block_k, p: MaskParams):
+def _tile(q5, k_blk, q_seg5, kv_seg_blk, slopes5, j, block_k, p: MaskParams):
   """Scores [b, hkv, g, t, bk] of key block j and which of them are visible."""
-  s = scores(q5, k_blk[:, :, None], p)
   t = q5.shape[3]
   q_pos = (jnp.arange(t, dtype=jnp.int32) + p.q_offset).reshape(1, 1, 1, t, 1)
   k_pos = (j * block_k + jnp.arange(block_k, dtype=jnp.int32)).reshape(1, 1, 1, 1, block_k)
-  return s, visible(q_pos, k_pos, q_seg5, kv_seg_blk, p)
+  return tile_scores(q5, k_blk[:, :, None], q_pos, k_pos, q_seg5, kv_seg_blk, slopes5, p)
 
 
-def _forward(q, k, v, q_seg, kv_seg, p: MaskParams, block_k: int):
+def _slopes(slopes, q):
+  """ALiBi slopes [hq] as [1, hkv, g, 1, 1], or None."""
+  if slopes is None:
+    return None
+  return slopes.astype(jnp.float32).reshape(1, -1, q.shape[2], 1, 1)
+
+
+def _forward(q, k, v, q_seg, kv_seg, slopes, p: MaskParams, block_k: int):
   b, t, hq, d = q.shape
   q5, k_blocks, v_blocks, q_seg5, kv_seg_blocks, nk = _layout(q, k, v, q_seg, kv_seg, block_k)
   q5 = q5.astype(jnp.float32)
+  slopes5 = _slopes(slopes, q5)
   shape = q5.shape[:-1] + (1,)
 
   def step(carry, xs):
     m, l, acc = carry
     j, k_blk, v_blk, kv_seg_blk = xs
-    s, mask = _tile(q5, k_blk.astype(jnp.float32), q_seg5, kv_seg_blk, j, block_k, p)
+    s, mask = _tile(q5, k_blk.astype(jnp.float32), q_seg5, kv_seg_blk, slopes5, j, block_k, p)
     s = jnp.where(mask, s, MASK_VALUE)
     m_new = jnp.maximum(m, s.max(axis=-1, keepdims=True))
     probs = jnp.where(mask, jnp.exp(s - m_new), 0.0)
@@ -72,11 +79,12 @@ def _forward(q, k, v, q_seg, kv_seg, p: MaskParams, block_k: int):
   return out, logsumexp(m, l)  # lse [b, hkv, g, t, 1]
 
 
-def _backward(q, k, v, q_seg, kv_seg, out, lse, dout, p: MaskParams, block_k: int):
+def _backward(q, k, v, q_seg, kv_seg, slopes, out, lse, dout, p: MaskParams, block_k: int):
   b, t, hq, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
   q5, k_blocks, v_blocks, q_seg5, kv_seg_blocks, nk = _layout(q, k, v, q_seg, kv_seg, block_k)
   q5 = q5.astype(jnp.float32)
+  slopes5 = _slopes(slopes, q5)
   do5 = dout.reshape(b, t, hkv, hq // hkv, d).transpose(0, 2, 3, 1, 4).astype(jnp.float32)
   o5 = out.reshape(b, t, hkv, hq // hkv, d).transpose(0, 2, 3, 1, 4).astype(jnp.float32)
   delta = jnp.sum(do5 * o5, axis=-1, keepdims=True)
@@ -84,7 +92,7 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, dout, p: MaskParams, block_k: in
   def step(dq, xs):
     j, k_blk, v_blk, kv_seg_blk = xs
     k_blk, v_blk = k_blk.astype(jnp.float32), v_blk.astype(jnp.float32)
-    s, mask = _tile(q5, k_blk, q_seg5, kv_seg_blk, j, block_k, p)
+    s, mask = _tile(q5, k_blk, q_seg5, kv_seg_blk, slopes5, j, block_k, p)
     probs = jnp.where(mask, jnp.exp(s - lse), 0.0)
     dv = jnp.einsum("bkgts,bkgtd->bksd", probs, do5)
     dp = jnp.einsum("bkgtd,bksd->bkgts", do5, v_blk)
@@ -103,21 +111,22 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, dout, p: MaskParams, block_k: in
   return dq, unblock(dk_blocks).astype(k.dtype), unblock(dv_blocks).astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def attention_xla(q, k, v, q_seg, kv_seg, p: MaskParams, block_k: int = DEFAULT_BLOCK_K):
-  """Attention over layout [b, t, h, d]; segments are [b, t] / [b, s] int arrays or None."""
-  return _forward(q, k, v, q_seg, kv_seg, p, block_k)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def attention_xla(q, k, v, q_seg, kv_seg, slopes, p: MaskParams, block_k: int = DEFAULT_BLOCK_K):
+  """Attention over layout [b, t, h, d]; segments are [b, t] / [b, s] int arrays or None;
+  ALiBi slopes [hq] or None (constants: they get no gradient)."""
+  return _forward(q, k, v, q_seg, kv_seg, slopes, p, block_k)[0]
 
 
-def _attention_fwd(q, k, v, q_seg, kv_seg, p, block_k):
-  out, lse = _forward(q, k, v, q_seg, kv_seg, p, block_k)
-  return out, (q, k, v, q_seg, kv_seg, out, lse)
+def _attention_fwd(q, k, v, q_seg, kv_seg, slopes, p, block_k):
+  out, lse = _forward(q, k, v, q_seg, kv_seg, slopes, p, block_k)
+  return out, (q, k, v, q_seg, kv_seg, slopes, out, lse)
 
 
 def _attention_bwd(p, block_k, residuals, dout):
-  q, k, v, q_seg, kv_seg, out, lse = residuals
-  dq, dk, dv = _backward(q, k, v, q_seg, kv_seg, out, lse, dout, p, block_k)
-  return dq, dk, dv, None, None
+  q, k, v, q_seg, kv_seg, slopes, out, lse = residuals
+  dq, dk, dv = _backward(q, k, v, q_seg, kv_seg, slopes, out, lse, dout, p, block_k)
+  return dq, dk, dv, None, None, None
 
 
 attention_xla.defvjp(_attention_fwd, _attention_bwd)

@@ -37,10 +37,11 @@ def inputs(name, b, t, s, hq, hkv, d, dtype, segments):
 
 
 def check(case, impl, *, b=2, t=130, s=None, hq=4, hkv=2, d=64, dtype=jnp.float32, segments=False,
-          **mask):
+          alibi=False, **mask):
   s = t if s is None else s
   q, k, v, dout, seg = inputs(case, b, t, s, hq, hkv, d, dtype, segments)
-  kw = dict(segment_ids=seg, **mask)
+  slopes = 2.0 ** (-8.0 * jnp.arange(1, hq + 1) / hq) if alibi else None
+  kw = dict(segment_ids=seg, alibi_slopes=slopes, **mask)
   out, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, block_sizes=SMALL, **kw,
                                                       **IMPLEMENTATIONS[impl]), q, k, v)
   grads = vjp(dout)
@@ -65,6 +66,8 @@ MASKS = {
     "segments": dict(causal=True, segments=True),
     "softcap": dict(causal=True, logit_soft_cap=2.5),
     "softcap_scale": dict(logit_soft_cap=4.0, scale=0.3),
+    "alibi": dict(causal=True, alibi=True),
+    "alibi_bidirectional_window": dict(alibi=True, sliding_window=30, segments=True),
 }
 
 
@@ -87,7 +90,7 @@ def test_gqa_ratios(impl, ratio):
 
 
 @pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))
-@pytest.mark.parametrize("mask", ["causal", "segments", "softcap"])
+@pytest.mark.parametrize("mask", ["causal", "segments", "softcap", "alibi"])
 def test_bfloat16(impl, mask):
   check(f"bf16-{mask}", impl, dtype=jnp.bfloat16, d=128, **MASKS[mask])
 
@@ -126,6 +129,7 @@ def test_default_implementation_on_cpu_is_the_xla_path():
         (dict(sliding_window=0), "sliding_window=0"),
         (dict(logit_soft_cap=-1.0), "logit_soft_cap=-1.0"),
         (dict(implementation="triton"), "implementation='triton'"),
+        (dict(alibi_slopes=jnp.ones(3)), "alibi_slopes must be"),
     ],
 )
 def test_bad_arguments(kwargs, message):

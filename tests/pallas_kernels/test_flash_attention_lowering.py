@@ -18,6 +18,7 @@ VARIANTS = {
     "window": dict(causal=True, sliding_window=512),
     "segments": dict(causal=True, segments=True),
     "softcap": dict(causal=True, logit_soft_cap=30.0),
+    "alibi": dict(causal=True, alibi=True),
 }
 
 
@@ -34,6 +35,8 @@ def test_forward_and_gradient_lower(platform, variant, dtype, heads, implementat
   hq, hkv = heads
   kwargs = dict(VARIANTS[variant])
   segments = kwargs.pop("segments", False)
+  if kwargs.pop("alibi", False):
+    kwargs["alibi_slopes"] = 2.0 ** (-8.0 * jnp.arange(1, hq + 1) / hq)
   t, d = 2048, 128
   q = jax.ShapeDtypeStruct((2, t, hq, d), dtype)
   kv = jax.ShapeDtypeStruct((2, t, hkv, d), dtype)
