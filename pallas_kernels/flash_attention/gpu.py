@@ -45,13 +45,14 @@ class _Layout:
   bk: int
   t_pad: int
   s_pad: int
-  d_pad: int
+  d_pad: int  # query/key features
+  dv_pad: int  # value features
 
 
-def _layout(t: int, s: int, d: int, block_q: int, block_k: int) -> _Layout:
+def _layout(t: int, s: int, d: int, dv: int, block_q: int, block_k: int) -> _Layout:
   bq = min(block_q, max(16, _pow2(t)))
   bk = min(block_k, max(16, _pow2(s)))
-  return _Layout(bq, bk, round_up(t, bq), round_up(s, bk), max(16, _pow2(d)))
+  return _Layout(bq, bk, round_up(t, bq), round_up(s, bk), max(16, _pow2(d)), max(16, _pow2(dv)))
 
 
 def _tile(q, k, q_seg, kv_seg, slope, q_start, k_start, bq, bk, p: MaskParams):
@@ -85,7 +86,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, slope_ref, o_ref
 
   lo, hi = kv_block_range(q_start, bq, bk, lay.s_pad // bk, p)
   init = (jnp.full((bq,), MASK_VALUE, jnp.float32), jnp.zeros((bq,), jnp.float32),
-          jnp.zeros((bq, lay.d_pad), jnp.float32))
+          jnp.zeros((bq, lay.dv_pad), jnp.float32))
   m, l, acc = jax.lax.fori_loop(lo, hi, body, init)
   o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
   lse_ref[...] = logsumexp(m, l)
@@ -139,8 +140,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_s
     return dk, dv
 
   lo, hi = q_block_range(k_start, bq, bk, lay.t_pad // bq, p)
-  zeros = jnp.zeros((bk, lay.d_pad), jnp.float32)
-  dk, dv = jax.lax.fori_loop(lo, hi, body, (zeros, zeros))
+  dk, dv = jax.lax.fori_loop(lo, hi, body, (jnp.zeros((bk, lay.d_pad), jnp.float32),
+                                            jnp.zeros((bk, lay.dv_pad), jnp.float32)))
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -169,67 +170,77 @@ def _slope_spec(p: MaskParams):
   return pl.BlockSpec((None,), lambda b_, h, i: (h,)) if p.has_alibi else None
 
 
+def _specs(lay: _Layout, group: int, rows: str) -> dict[str, pl.BlockSpec | None]:
+  """BlockSpecs over a grid (b, h, block). ``rows="q"``: a program owns a query block and
+  sees every key (forward, dq); ``rows="k"``: it owns a key block and sees every query."""
+  own_q, own_k = rows == "q", rows == "k"
+  q_len, k_len = (lay.bq if own_q else lay.t_pad), (lay.bk if own_k else lay.s_pad)
+  kv_head = lambda h: jax.lax.div(h, group)  # noqa: E731
+  query = lambda w: pl.BlockSpec((None, q_len, None, w), lambda b, h, i: (b, i if own_q else 0, h, 0))  # noqa: E731
+  key = lambda w: pl.BlockSpec((None, k_len, None, w), lambda b, h, i: (b, i if own_k else 0, kv_head(h), 0))  # noqa: E731
+  per_head_key = lambda w: pl.BlockSpec((None, lay.bk, None, w), lambda b, h, i: (b, i, h, 0))  # noqa: E731
+  return {
+      "q": query(lay.d_pad), "o": query(lay.dv_pad), "k": key(lay.d_pad), "v": key(lay.dv_pad),
+      "dk": per_head_key(lay.d_pad), "dv": per_head_key(lay.dv_pad),
+      "rows": pl.BlockSpec((None, None, q_len), lambda b, h, i: (b, h, i if own_q else 0)),
+      "q_seg": pl.BlockSpec((None, q_len), lambda b, h, i: (b, i if own_q else 0)),
+      "kv_seg": pl.BlockSpec((None, k_len), lambda b, h, i: (b, i if own_k else 0)),
+  }
+
+
+def _extras(specs, p: MaskParams):
+  """Segment and ALiBi specs (None when unused)."""
+  segs = [specs["q_seg"], specs["kv_seg"]] if p.has_segments else [None, None]
+  return [*segs, _slope_spec(p)]
+
+
 def forward(q, k, v, q_seg, kv_seg, slopes, p: MaskParams, blocks: BlockSizes, interpret):
-  """out [b, t, hq, d] and lse [b, hq, t_pad]."""
+  """out [b, t, hq, dv] and lse [b, hq, t_pad]."""
   b, t, hq, d = q.shape
-  s, hkv = k.shape[1], k.shape[2]
-  lay = _layout(t, s, d, blocks.block_q, blocks.block_k)
-  g = hq // hkv
-  qp, kp, vp = _pad(q, lay.t_pad, lay.d_pad), _pad(k, lay.s_pad, lay.d_pad), _pad(v, lay.s_pad, lay.d_pad)
+  s, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
+  lay = _layout(t, s, d, dv, blocks.block_q, blocks.block_k)
+  qp, kp, vp = _pad(q, lay.t_pad, lay.d_pad), _pad(k, lay.s_pad, lay.d_pad), _pad(v, lay.s_pad, lay.dv_pad)
   q_seg, kv_seg = _segments(q_seg, kv_seg, lay)
-  q_spec = pl.BlockSpec((None, lay.bq, None, lay.d_pad), lambda b_, h, i: (b_, i, h, 0))
-  kv_spec = pl.BlockSpec((None, lay.s_pad, None, lay.d_pad), lambda b_, h, i: (b_, 0, jax.lax.div(h, g), 0))
-  seg_specs = [pl.BlockSpec((None, lay.bq), lambda b_, h, i: (b_, i)),
-               pl.BlockSpec((None, lay.s_pad), lambda b_, h, i: (b_, 0))]
+  specs = _specs(lay, hq // hkv, "q")
   out, lse = _call(
-      functools.partial(_forward_kernel, p=p, lay=lay),
-      (b, hq, lay.t_pad // lay.bq),
-      [q_spec, kv_spec, kv_spec, *(seg_specs if p.has_segments else [None, None]), _slope_spec(p)],
-      [q_spec, pl.BlockSpec((None, None, lay.bq), lambda b_, h, i: (b_, h, i))],
-      [jax.ShapeDtypeStruct(qp.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, lay.t_pad), jnp.float32)],
+      functools.partial(_forward_kernel, p=p, lay=lay), (b, hq, lay.t_pad // lay.bq),
+      [specs["q"], specs["k"], specs["v"], *_extras(specs, p)], [specs["o"], specs["rows"]],
+      [jax.ShapeDtypeStruct((b, lay.t_pad, hq, lay.dv_pad), q.dtype),
+       jax.ShapeDtypeStruct((b, hq, lay.t_pad), jnp.float32)],
       blocks, interpret, "flash_attention_fwd",
   )(qp, kp, vp, q_seg, kv_seg, slopes)
-  return out[:, :t, :, :d], lse
+  return out[:, :t, :, :dv], lse
 
 
 def backward(q, k, v, q_seg, kv_seg, slopes, out, lse, dout, p: MaskParams, blocks: BlockSizes,
              interpret):
-  """dq [b, t, hq, d] and per-query-head dk, dv [b, s, hq, d]."""
+  """dq [b, t, hq, d] and per-query-head dk [b, s, hq, d], dv [b, s, hq, dv]."""
   b, t, hq, d = q.shape
-  s, hkv = k.shape[1], k.shape[2]
-  lay = _layout(t, s, d, blocks.block_q_bwd, blocks.block_k_bwd)
-  g = hq // hkv
-  qp, dop = _pad(q, lay.t_pad, lay.d_pad), _pad(dout, lay.t_pad, lay.d_pad)
-  kp, vp = _pad(k, lay.s_pad, lay.d_pad), _pad(v, lay.s_pad, lay.d_pad)
+  s, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
+  lay = _layout(t, s, d, dv, blocks.block_q_bwd, blocks.block_k_bwd)
+  qp, dop = _pad(q, lay.t_pad, lay.d_pad), _pad(dout, lay.t_pad, lay.dv_pad)
+  kp, vp = _pad(k, lay.s_pad, lay.d_pad), _pad(v, lay.s_pad, lay.dv_pad)
   q_seg, kv_seg = _segments(q_seg, kv_seg, lay)
   delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
   delta = pad_axis(delta, 2, lay.t_pad)  # [b, hq, t_pad]
   lse = pad_axis(lse[:, :, :t], 2, lay.t_pad, jnp.inf)
   inputs = (qp, kp, vp, dop, lse, delta, q_seg, kv_seg, slopes)
 
-  rows_q = pl.BlockSpec((None, lay.bq, None, lay.d_pad), lambda b_, h, i: (b_, i, h, 0))
-  all_kv = pl.BlockSpec((None, lay.s_pad, None, lay.d_pad), lambda b_, h, i: (b_, 0, jax.lax.div(h, g), 0))
-  rows_stat = pl.BlockSpec((None, None, lay.bq), lambda b_, h, i: (b_, h, i))
-  segs = [pl.BlockSpec((None, lay.bq), lambda b_, h, i: (b_, i)),
-          pl.BlockSpec((None, lay.s_pad), lambda b_, h, i: (b_, 0))]
-  dq = _call(
-      functools.partial(_dq_kernel, p=p, lay=lay), (b, hq, lay.t_pad // lay.bq),
-      [rows_q, all_kv, all_kv, rows_q, rows_stat, rows_stat, *(segs if p.has_segments else [None, None]),
-       _slope_spec(p)],
-      rows_q, jax.ShapeDtypeStruct(qp.shape, q.dtype), blocks, interpret, "flash_attention_dq",
-  )(*inputs)
+  def in_specs(specs):
+    return [specs["q"], specs["k"], specs["v"], specs["o"], specs["rows"], specs["rows"],
+            *_extras(specs, p)]
 
-  all_q = pl.BlockSpec((None, lay.t_pad, None, lay.d_pad), lambda b_, h, j: (b_, 0, h, 0))
-  rows_kv = pl.BlockSpec((None, lay.bk, None, lay.d_pad), lambda b_, h, j: (b_, j, jax.lax.div(h, g), 0))
-  all_stat = pl.BlockSpec((None, None, lay.t_pad), lambda b_, h, j: (b_, h, 0))
-  segs = [pl.BlockSpec((None, lay.t_pad), lambda b_, h, j: (b_, 0)),
-          pl.BlockSpec((None, lay.bk), lambda b_, h, j: (b_, j))]
-  out_kv = pl.BlockSpec((None, lay.bk, None, lay.d_pad), lambda b_, h, j: (b_, j, h, 0))
-  per_head = jax.ShapeDtypeStruct((b, lay.s_pad, hq, lay.d_pad), k.dtype)
-  dk, dv = _call(
-      functools.partial(_dkv_kernel, p=p, lay=lay), (b, hq, lay.s_pad // lay.bk),
-      [all_q, rows_kv, rows_kv, all_q, all_stat, all_stat, *(segs if p.has_segments else [None, None]),
-       _slope_spec(p)],
-      [out_kv, out_kv], [per_head, per_head], blocks, interpret, "flash_attention_dkv",
+  specs = _specs(lay, hq // hkv, "q")
+  dq = _call(
+      functools.partial(_dq_kernel, p=p, lay=lay), (b, hq, lay.t_pad // lay.bq), in_specs(specs),
+      specs["q"], jax.ShapeDtypeStruct(qp.shape, q.dtype), blocks, interpret, "flash_attention_dq",
   )(*inputs)
-  return dq[:, :t, :, :d], dk[:, :s, :, :d], dv[:, :s, :, :d]
+  specs = _specs(lay, hq // hkv, "k")
+  dk, dv_ = _call(
+      functools.partial(_dkv_kernel, p=p, lay=lay), (b, hq, lay.s_pad // lay.bk), in_specs(specs),
+      [specs["dk"], specs["dv"]],
+      [jax.ShapeDtypeStruct((b, lay.s_pad, hq, lay.d_pad), k.dtype),
+       jax.ShapeDtypeStruct((b, lay.s_pad, hq, lay.dv_pad), v.dtype)],
+      blocks, interpret, "flash_attention_dkv",
+  )(*inputs)
+  return dq[:, :t, :, :d], dk[:, :s, :, :d], dv_[:, :s, :, :dv]

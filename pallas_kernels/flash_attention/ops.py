@@ -78,8 +78,8 @@ _pallas_attention.defvjp(_pallas_forward, _pallas_backward)
 def _validate(q, k, v, segment_ids, sliding_window, logit_soft_cap, alibi_slopes, implementation):
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"q, k, v must be [batch, time, heads, head_dim]; got {q.shape}, {k.shape}, {v.shape}")
-  if k.shape != v.shape:
-    raise ValueError(f"k {k.shape} and v {v.shape} must have the same shape")
+  if k.shape[:3] != v.shape[:3]:
+    raise ValueError(f"k {k.shape} and v {v.shape} must agree in batch, length and heads")
   if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
     raise ValueError(f"q {q.shape} and k {k.shape} differ in batch or head_dim")
   if q.shape[2] % k.shape[2]:
@@ -102,7 +102,7 @@ def _validate(q, k, v, segment_ids, sliding_window, logit_soft_cap, alibi_slopes
 def flash_attention(
     q: Float[Array, "b t hq d"],
     k: Float[Array, "b s hkv d"],
-    v: Float[Array, "b s hkv d"],
+    v: Float[Array, "b s hkv dv"],
     *,
     causal: bool = False,
     segment_ids: tuple[Int[Array, "b t"], Int[Array, "b s"]] | None = None,
@@ -115,8 +115,9 @@ def flash_attention(
     interpret_backend: str = "tpu",
     batch_axes: str | Sequence[str] | None = None,
     head_axes: str | Sequence[str] | None = None,
-) -> Float[Array, "b t hq d"]:
-  """Attention of the t queries over the s keys without materializing [t, s].
+) -> Float[Array, "b t hq dv"]:
+  """Attention of the t queries over the s keys without materializing [t, s]; values may
+  have another width than queries and keys.
 
   Semantics (see common.py): query head i reads kv head ``i // (hq // hkv)``; query i
   sits at position ``i + s - t``; ``causal``, ``sliding_window`` (``0 <= q - k < w``)

@@ -38,11 +38,9 @@ class BlockSizes:
 
 def _lanes(x: jax.Array, width: int) -> jax.Array:
   """A [rows, 128] lane-replicated statistic as [rows, width]."""
-  if width % LANES == 0:
-    return jnp.tile(x, (1, width // LANES))
-  if width < LANES:
-    return x[:, :width]
-  raise ValueError(f"width {width} must be below 128 or a multiple of it")
+  reps = -(-width // LANES)
+  x = jnp.tile(x, (1, reps)) if reps > 1 else x
+  return x if x.shape[1] == width else x[:, :width]
 
 
 def _tile(q, k, q_seg_ref, kv_seg_ref, slopes_ref, q_start, k_start, bq, bk, p: MaskParams):
@@ -171,7 +169,7 @@ def _prepare(q, k, v, q_seg, kv_seg, lay: _Layout):
   return qt, kt, vt, q_seg, kv_seg
 
 
-def _specs(lay: _Layout, d: int, group: int, rows: str):
+def _specs(lay: _Layout, d: int, dv: int, group: int, rows: str) -> dict[str, pl.BlockSpec]:
   """BlockSpecs over a grid (b, h, outer, inner); ``rows`` names which of outer/inner
   walks the queries ("outer": forward and dq, "inner": dk/dv)."""
   if rows == "outer":
@@ -179,13 +177,20 @@ def _specs(lay: _Layout, d: int, group: int, rows: str):
   else:
     qi, kj = (lambda i, j: j), (lambda i, j: i)
   bq, bk = lay.bq, lay.bk
-  q_spec = pl.BlockSpec((None, None, bq, d), lambda b, h, i, j: (b, h, qi(i, j), 0))
-  kv_spec = pl.BlockSpec((None, None, bk, d), lambda b, h, i, j: (b, jax.lax.div(h, group), kj(i, j), 0))
-  row_spec = pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j: (b, h, qi(i, j), 0))
-  q_seg_spec = pl.BlockSpec((None, bq, LANES), lambda b, h, i, j: (b, qi(i, j), 0))
-  kv_seg_spec = pl.BlockSpec((None, SUBLANES, bk), lambda b, h, i, j: (b, 0, kj(i, j)))
-  out_k_spec = pl.BlockSpec((None, None, bk, d), lambda b, h, i, j: (b, h, kj(i, j), 0))
-  return q_spec, kv_spec, row_spec, q_seg_spec, kv_seg_spec, out_k_spec
+  query = lambda width: pl.BlockSpec((None, None, bq, width), lambda b, h, i, j: (b, h, qi(i, j), 0))  # noqa: E731
+  key = lambda width: pl.BlockSpec(  # noqa: E731
+      (None, None, bk, width), lambda b, h, i, j: (b, jax.lax.div(h, group), kj(i, j), 0))
+  per_head_key = lambda width: pl.BlockSpec((None, None, bk, width), lambda b, h, i, j: (b, h, kj(i, j), 0))  # noqa: E731
+  return {
+      "q": query(d), "o": query(dv), "k": key(d), "v": key(dv), "dk": per_head_key(d),
+      "dv": per_head_key(dv), "rows": query(LANES),
+      "q_seg": pl.BlockSpec((None, bq, LANES), lambda b, h, i, j: (b, qi(i, j), 0)),
+      "kv_seg": pl.BlockSpec((None, SUBLANES, bk), lambda b, h, i, j: (b, 0, kj(i, j))),
+  }
+
+
+def _segment_specs(specs, p: MaskParams):
+  return [specs["q_seg"], specs["kv_seg"]] if p.has_segments else [None, None]
 
 
 def _params():
@@ -197,35 +202,31 @@ def _slopes_spec(p: MaskParams):
 
 
 def forward(q, k, v, q_seg, kv_seg, slopes, p: MaskParams, blocks: BlockSizes, interpret):
-  """Returns out [b, t, hq, d] and lse [b, hq, t_pad, 128] (padded, lane-replicated)."""
+  """Returns out [b, t, hq, dv] and lse [b, hq, t_pad, 128] (padded, lane-replicated)."""
   b, t, hq, d = q.shape
-  s, hkv = k.shape[1], k.shape[2]
+  s, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
   lay = _layout(t, s, blocks.block_q, blocks.block_k)
   qt, kt, vt, q_seg, kv_seg = _prepare(q, k, v, q_seg, kv_seg, lay)
-  q_spec, kv_spec, row_spec, q_seg_spec, kv_seg_spec, _ = _specs(lay, d, hq // hkv, "outer")
-  seg_specs = [q_seg_spec, kv_seg_spec] if p.has_segments else [None, None]
-  kernel = functools.partial(_forward_kernel, p=p, bq=lay.bq, bk=lay.bk)
+  specs = _specs(lay, d, dv, hq // hkv, "outer")
   out, lse = pl.pallas_call(
-      kernel,
+      functools.partial(_forward_kernel, p=p, bq=lay.bq, bk=lay.bk),
       grid=(b, hq, lay.t_pad // lay.bq, lay.s_pad // lay.bk),
-      in_specs=[q_spec, kv_spec, kv_spec, *seg_specs, _slopes_spec(p)],
-      out_specs=[q_spec, row_spec],
-      out_shape=[jax.ShapeDtypeStruct(qt.shape, q.dtype),
+      in_specs=[specs["q"], specs["k"], specs["v"], *_segment_specs(specs, p), _slopes_spec(p)],
+      out_specs=[specs["o"], specs["rows"]],
+      out_shape=[jax.ShapeDtypeStruct((b, hq, lay.t_pad, dv), q.dtype),
                  jax.ShapeDtypeStruct((b, hq, lay.t_pad, LANES), jnp.float32)],
       scratch_shapes=[pltpu.VMEM((lay.bq, LANES), jnp.float32), pltpu.VMEM((lay.bq, LANES), jnp.float32),
-                      pltpu.VMEM((lay.bq, d), jnp.float32)],
-      compiler_params=_params(),
-      interpret=interpret,
-      name="flash_attention_fwd",
+                      pltpu.VMEM((lay.bq, dv), jnp.float32)],
+      compiler_params=_params(), interpret=interpret, name="flash_attention_fwd",
   )(qt, kt, vt, q_seg, kv_seg, slopes)
   return out.transpose(0, 2, 1, 3)[:, :t], lse
 
 
 def backward(q, k, v, q_seg, kv_seg, slopes, out, lse, dout, p: MaskParams, blocks: BlockSizes,
              interpret):
-  """dq [b, t, hq, d] and per-query-head dk, dv [b, s, hq, d]."""
+  """dq [b, t, hq, d] and per-query-head dk [b, s, hq, d], dv [b, s, hq, dv]."""
   b, t, hq, d = q.shape
-  s, hkv = k.shape[1], k.shape[2]
+  s, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
   lay = _layout(t, s, blocks.block_q_bwd, blocks.block_k_bwd)
   fwd_lay = _layout(t, s, blocks.block_q, blocks.block_k)
   qt, kt, vt, q_seg, kv_seg = _prepare(q, k, v, q_seg, kv_seg, lay)
@@ -236,29 +237,27 @@ def backward(q, k, v, q_seg, kv_seg, slopes, out, lse, dout, p: MaskParams, bloc
   lse = pad_axis(lse[:, :, :t], 2, lay.t_pad, jnp.inf) if fwd_lay.t_pad != lay.t_pad else lse
   inputs = (qt, kt, vt, dot_, lse, delta, q_seg, kv_seg, slopes)
 
-  def specs(rows):
-    q_spec, kv_spec, row_spec, q_seg_spec, kv_seg_spec, out_k_spec = _specs(lay, d, hq // hkv, rows)
-    seg = [q_seg_spec, kv_seg_spec] if p.has_segments else [None, None]
-    return ([q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, *seg, _slopes_spec(p)], q_spec,
-            out_k_spec)
+  def in_specs(specs):
+    return [specs["q"], specs["k"], specs["v"], specs["o"], specs["rows"], specs["rows"],
+            *_segment_specs(specs, p), _slopes_spec(p)]
 
   nq, nk = lay.t_pad // lay.bq, lay.s_pad // lay.bk
-  in_specs, q_spec, _ = specs("outer")
+  specs = _specs(lay, d, dv, hq // hkv, "outer")
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, p=p, bq=lay.bq, bk=lay.bk),
-      grid=(b, hq, nq, nk), in_specs=in_specs, out_specs=q_spec,
+      grid=(b, hq, nq, nk), in_specs=in_specs(specs), out_specs=specs["q"],
       out_shape=jax.ShapeDtypeStruct(qt.shape, q.dtype),
       scratch_shapes=[pltpu.VMEM((lay.bq, d), jnp.float32)],
       compiler_params=_params(), interpret=interpret, name="flash_attention_dq",
   )(*inputs)
-  in_specs, _, out_k_spec = specs("inner")
-  per_head = jax.ShapeDtypeStruct((b, hq, lay.s_pad, d), k.dtype)
-  dk, dv = pl.pallas_call(
+  specs = _specs(lay, d, dv, hq // hkv, "inner")
+  dk, dv_ = pl.pallas_call(
       functools.partial(_dkv_kernel, p=p, bq=lay.bq, bk=lay.bk),
-      grid=(b, hq, nk, nq), in_specs=in_specs, out_specs=[out_k_spec, out_k_spec],
-      out_shape=[per_head, per_head],
-      scratch_shapes=[pltpu.VMEM((lay.bk, d), jnp.float32), pltpu.VMEM((lay.bk, d), jnp.float32)],
+      grid=(b, hq, nk, nq), in_specs=in_specs(specs), out_specs=[specs["dk"], specs["dv"]],
+      out_shape=[jax.ShapeDtypeStruct((b, hq, lay.s_pad, d), k.dtype),
+                 jax.ShapeDtypeStruct((b, hq, lay.s_pad, dv), v.dtype)],
+      scratch_shapes=[pltpu.VMEM((lay.bk, d), jnp.float32), pltpu.VMEM((lay.bk, dv), jnp.float32)],
       compiler_params=_params(), interpret=interpret, name="flash_attention_dkv",
   )(*inputs)
   unpad = lambda x, n: x.transpose(0, 2, 1, 3)[:, :n]  # noqa: E731
-  return unpad(dq, t), unpad(dk, s), unpad(dv, s)
+  return unpad(dq, t), unpad(dk, s), unpad(dv_, s)

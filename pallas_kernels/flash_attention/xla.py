@@ -24,8 +24,8 @@ def _layout(q, k, v, q_seg, kv_seg, block_k):
   nk = s_pad // block_k
   q5 = q.reshape(b, t, hkv, hq // hkv, d).transpose(0, 2, 3, 1, 4)
 
-  def blocks(x):  # [b, s, hkv, d] -> [nk, b, hkv, bk, d]
-    x = pad_axis(x, 1, s_pad).reshape(b, nk, block_k, hkv, d)
+  def blocks(x):  # [b, s, hkv, width] -> [nk, b, hkv, bk, width]
+    x = pad_axis(x, 1, s_pad).reshape(b, nk, block_k, hkv, x.shape[-1])
     return x.transpose(1, 0, 3, 2, 4)
 
   q_seg5 = None if q_seg is None else q_seg[:, None, None, :, None]
@@ -52,7 +52,8 @@ def _slopes(slopes, q):
 
 
 def _forward(q, k, v, q_seg, kv_seg, slopes, p: MaskParams, block_k: int):
-  b, t, hq, d = q.shape
+  b, t, hq, _ = q.shape
+  dv = v.shape[3]
   q5, k_blocks, v_blocks, q_seg5, kv_seg_blocks, nk = _layout(q, k, v, q_seg, kv_seg, block_k)
   q5 = q5.astype(jnp.float32)
   slopes5 = _slopes(slopes, q5)
@@ -71,22 +72,22 @@ def _forward(q, k, v, q_seg, kv_seg, slopes, p: MaskParams, block_k: int):
     return (m_new, l, acc), None
 
   init = (jnp.full(shape, MASK_VALUE, jnp.float32), jnp.zeros(shape, jnp.float32),
-          jnp.zeros(q5.shape, jnp.float32))
+          jnp.zeros(q5.shape[:-1] + (dv,), jnp.float32))
   xs = (jnp.arange(nk), k_blocks, v_blocks, kv_seg_blocks)
   (m, l, acc), _ = jax.lax.scan(step, init, xs)
   out5 = acc / jnp.where(l > 0, l, 1.0)
-  out = out5.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d).astype(q.dtype)
+  out = out5.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, dv).astype(q.dtype)
   return out, logsumexp(m, l)  # lse [b, hkv, g, t, 1]
 
 
 def _backward(q, k, v, q_seg, kv_seg, slopes, out, lse, dout, p: MaskParams, block_k: int):
   b, t, hq, d = q.shape
-  s_len, hkv = k.shape[1], k.shape[2]
+  s_len, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
   q5, k_blocks, v_blocks, q_seg5, kv_seg_blocks, nk = _layout(q, k, v, q_seg, kv_seg, block_k)
   q5 = q5.astype(jnp.float32)
   slopes5 = _slopes(slopes, q5)
-  do5 = dout.reshape(b, t, hkv, hq // hkv, d).transpose(0, 2, 3, 1, 4).astype(jnp.float32)
-  o5 = out.reshape(b, t, hkv, hq // hkv, d).transpose(0, 2, 3, 1, 4).astype(jnp.float32)
+  do5 = dout.reshape(b, t, hkv, hq // hkv, dv).transpose(0, 2, 3, 1, 4).astype(jnp.float32)
+  o5 = out.reshape(b, t, hkv, hq // hkv, dv).transpose(0, 2, 3, 1, 4).astype(jnp.float32)
   delta = jnp.sum(do5 * o5, axis=-1, keepdims=True)
 
   def step(dq, xs):
@@ -104,8 +105,8 @@ def _backward(q, k, v, q_seg, kv_seg, slopes, out, lse, dout, p: MaskParams, blo
   xs = (jnp.arange(nk), k_blocks, v_blocks, kv_seg_blocks)
   dq5, (dk_blocks, dv_blocks) = jax.lax.scan(step, jnp.zeros_like(q5), xs)
 
-  def unblock(x):  # [nk, b, hkv, bk, d] -> [b, s, hkv, d]
-    return x.transpose(1, 0, 3, 2, 4).reshape(b, nk * block_k, hkv, d)[:, :s_len]
+  def unblock(x):  # [nk, b, hkv, bk, width] -> [b, s, hkv, width]
+    return x.transpose(1, 0, 3, 2, 4).reshape(b, nk * block_k, hkv, x.shape[-1])[:, :s_len]
 
   dq = dq5.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d).astype(q.dtype)
   return dq, unblock(dk_blocks).astype(k.dtype), unblock(dv_blocks).astype(v.dtype)

@@ -22,13 +22,14 @@ IMPLEMENTATIONS = {
 }
 
 
-def inputs(name, b, t, s, hq, hkv, d, dtype, segments):
+def inputs(name, b, t, s, hq, hkv, d, dtype, segments, dv=None):
   """Fresh random inputs, seeded by the test case."""
+  dv = d if dv is None else dv
   keys = jax.random.split(jax.random.key(zlib.crc32(name.encode())), 6)
   q = jax.random.normal(keys[0], (b, t, hq, d), jnp.float32).astype(dtype)
   k = jax.random.normal(keys[1], (b, s, hkv, d), jnp.float32).astype(dtype)
-  v = jax.random.normal(keys[2], (b, s, hkv, d), jnp.float32).astype(dtype)
-  dout = jax.random.normal(keys[3], (b, t, hq, d), jnp.float32).astype(dtype)
+  v = jax.random.normal(keys[2], (b, s, hkv, dv), jnp.float32).astype(dtype)
+  dout = jax.random.normal(keys[3], (b, t, hq, dv), jnp.float32).astype(dtype)
   seg = None
   if segments:  # packed documents: 3 segments, sorted, queries aligned with the last t keys
     kv_seg = jnp.sort(jax.random.randint(keys[4], (b, s), 0, 3), axis=1)
@@ -36,10 +37,10 @@ def inputs(name, b, t, s, hq, hkv, d, dtype, segments):
   return q, k, v, dout, seg
 
 
-def check(case, impl, *, b=2, t=130, s=None, hq=4, hkv=2, d=64, dtype=jnp.float32, segments=False,
-          alibi=False, **mask):
+def check(case, impl, *, b=2, t=130, s=None, hq=4, hkv=2, d=64, dv=None, dtype=jnp.float32,
+          segments=False, alibi=False, **mask):
   s = t if s is None else s
-  q, k, v, dout, seg = inputs(case, b, t, s, hq, hkv, d, dtype, segments)
+  q, k, v, dout, seg = inputs(case, b, t, s, hq, hkv, d, dtype, segments, dv)
   slopes = 2.0 ** (-8.0 * jnp.arange(1, hq + 1) / hq) if alibi else None
   kw = dict(segment_ids=seg, alibi_slopes=slopes, **mask)
   out, vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, block_sizes=SMALL, **kw,
@@ -93,6 +94,12 @@ def test_gqa_ratios(impl, ratio):
 @pytest.mark.parametrize("mask", ["causal", "segments", "softcap", "alibi"])
 def test_bfloat16(impl, mask):
   check(f"bf16-{mask}", impl, dtype=jnp.bfloat16, d=128, **MASKS[mask])
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))
+def test_values_wider_than_keys(impl):
+  """v may carry more features than q and k (TAPE attends over [v, cos, sin])."""
+  check("wide-v", impl, t=70, d=64, dv=192, hq=2, hkv=2, causal=True)
 
 
 @pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))

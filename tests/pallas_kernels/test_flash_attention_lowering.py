@@ -68,3 +68,16 @@ def test_default_lowers_to_plain_xla_on_cpu():
   q = jax.ShapeDtypeStruct((1, 256, 4, 64), jnp.float32)
   text = export(lambda q: flash_attention(q, q, q, causal=True), "cpu", q).mlir_module()
   assert "tpu_custom_call" not in text and "triton" not in text
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_wide_values_lower(platform):
+  """TAPE's shape: values carry [v, cos, sin], three times the key width."""
+  q = jax.ShapeDtypeStruct((2, 1024, 8, 64), jnp.bfloat16)
+  v = jax.ShapeDtypeStruct((2, 1024, 8, 192), jnp.bfloat16)
+
+  def grad(q, v):
+    loss = lambda q, v: flash_attention(q, q, v, causal=True, implementation="pallas").astype(jnp.float32).sum()  # noqa: E731
+    return jax.grad(loss, argnums=(0, 1))(q, v)
+
+  assert export(grad, platform, q, v).mlir_module().count(KERNEL_CALL[platform]) >= 3
