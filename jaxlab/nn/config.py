@@ -9,7 +9,10 @@ from typing import Any
 REMAT_POLICIES = ("none", "full", "save_dots")
 NORMS = ("rmsnorm", "layernorm")
 MLP_ACTIVATIONS = ("swiglu", "gelu")
-POSITIONAL = ("rope", "none")
+POSITIONAL = ("rope", "alibi", "none", "learned", "tape")
+ROPE_SCALINGS = (None, "linear", "ntk")
+ATTENTION_IMPLS = ("auto", "xla", "pallas", "pallas_interpret", "cudnn")
+ATTENTION_GATES = (None, "elementwise", "headwise")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,9 +29,17 @@ class ModelConfig:
   num_heads: int = 4
   num_kv_heads: int | None = None  # None: num_heads (MHA); 1: MQA
   head_dim: int | None = None  # None: d_model // num_heads
-  positional: str = "rope"
+  positional: str = "rope"  # rope | alibi | none (NoPE) | learned | tape
   rope_theta: float = 10_000.0
+  rope_scaling: str | None = None  # None | linear | ntk
+  rope_scaling_factor: float = 1.0
+  max_position: int = 2048  # table size of learned absolute positions
+  tape_position_size: int | None = None  # TAPE's hidden width over heads; None: 4 x num_heads
   attention_bias: bool = False
+  attention_impl: str = "auto"  # auto (per platform) | xla | pallas | pallas_interpret | cudnn
+  sliding_window: int | None = None  # attend to the w most recent positions, self included
+  logit_soft_cap: float | None = None
+  attention_gate: str | None = None  # None | elementwise | headwise (sigmoid output gate)
   # feed-forward
   mlp_dim: int = 1024
   mlp_activation: str = "swiglu"
@@ -49,6 +60,25 @@ class ModelConfig:
     _check_choice(self, "mlp_activation", MLP_ACTIVATIONS)
     _check_choice(self, "positional", POSITIONAL)
     _check_choice(self, "remat", REMAT_POLICIES)
+    _check_choice(self, "rope_scaling", ROPE_SCALINGS)
+    _check_choice(self, "attention_impl", ATTENTION_IMPLS)
+    _check_choice(self, "attention_gate", ATTENTION_GATES)
+    if self.sliding_window is not None and self.sliding_window < 1:
+      raise ValueError(f"model.sliding_window={self.sliding_window} must be >= 1 (or None).")
+    if self.logit_soft_cap is not None and self.logit_soft_cap <= 0:
+      raise ValueError(f"model.logit_soft_cap={self.logit_soft_cap} must be > 0 (or None).")
+    if self.rope_scaling is not None and self.rope_scaling_factor <= 0:
+      raise ValueError(f"model.rope_scaling_factor={self.rope_scaling_factor} must be > 0.")
+    if self.positional == "tape" and self.kv_heads != self.num_heads:
+      raise ValueError(
+          f"TAPE keeps position features per head: model.num_kv_heads={self.kv_heads} must "
+          f"equal model.num_heads={self.num_heads} (set num_kv_heads=None)."
+      )
+    if self.attention_impl == "cudnn" and (self.logit_soft_cap or self.positional in ("alibi", "tape")):
+      raise ValueError(
+          "model.attention_impl='cudnn' supports neither logit_soft_cap nor ALiBi or TAPE; use "
+          "attention_impl='pallas' or 'auto'."
+      )
     if not self.mixers or not self.ffns:
       raise ValueError("model.mixers and model.ffns each need at least one entry.")
     if self.head_dim is None and self.d_model % self.num_heads:
@@ -61,8 +91,8 @@ class ModelConfig:
           f"model.num_kv_heads={self.kv_heads} does not divide model.num_heads={self.num_heads}; "
           "grouped-query attention needs num_heads to be a multiple of num_kv_heads."
       )
-    if self.positional == "rope" and self.dim_per_head % 2:
-      raise ValueError(f"RoPE needs an even head_dim; got {self.dim_per_head}.")
+    if self.positional in ("rope", "tape") and self.dim_per_head % 2:
+      raise ValueError(f"{self.positional} needs an even head_dim; got {self.dim_per_head}.")
 
   @property
   def kv_heads(self) -> int:
@@ -71,6 +101,10 @@ class ModelConfig:
   @property
   def dim_per_head(self) -> int:
     return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
+
+  @property
+  def tape_width(self) -> int:
+    return 4 * self.num_heads if self.tape_position_size is None else self.tape_position_size
 
   def mixer_of(self, layer: int) -> str:
     return self.mixers[layer % len(self.mixers)]

@@ -2,9 +2,10 @@
 
 A mixer is built as ``cls(config, layer=i, rngs=rngs)`` and offers three calls:
 ``__call__(x, positions)`` over a full sequence, ``init_cache(batch, max_len, dtype)``
-and ``decode(x, cache) -> (y, cache)`` for the next ``x.shape[1]`` tokens (one token
-when decoding, the whole prompt when prefilling). A feed-forward layer is built the
-same way and called as ``ffn(x)``.
+and ``decode(x, positions, cache) -> (y, cache)`` for the next ``x.shape[1]`` tokens at
+``positions`` (one token when decoding, the whole prompt when prefilling). A mixer
+that supports TAPE also takes and returns the position features ``pe`` in both calls.
+A feed-forward layer is built the same way and called as ``ffn(x)``.
 """
 
 from __future__ import annotations

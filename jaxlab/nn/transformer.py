@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 from jaxtyping import Array, Float, Int
 
 from jaxlab.nn import attention as _attention  # noqa: F401  (registers "attention")
@@ -16,7 +17,9 @@ from jaxlab.nn.config import ModelConfig
 from jaxlab.nn.embed import Embed
 from jaxlab.nn.linear import Linear
 from jaxlab.nn.norms import make_norm
+from jaxlab.nn.positional import LearnedPositions
 from jaxlab.nn.registry import FFNS, MIXERS, lookup
+from jaxlab.nn.tape import PositionState, TapeMLPUpdate, initial_position_state
 from jaxlab.sharding import shard
 
 _REMAT_POLICIES = {
@@ -26,37 +29,66 @@ _REMAT_POLICIES = {
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x))."""
+  """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x)). With TAPE the
+  block also carries the position features: the mixer updates them and so does the
+  TAPE map gated by the FFN's output."""
 
   def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
     self.mixer_norm = make_norm(config)
     self.mixer = lookup(MIXERS, "mixer", config.mixer_of(layer))(config, layer=layer, rngs=rngs)
     self.ffn_norm = make_norm(config)
     self.ffn = lookup(FFNS, "ffn", config.ffn_of(layer))(config, layer=layer, rngs=rngs)
+    self.tape = TapeMLPUpdate(config, rngs=rngs) if config.positional == "tape" else None
 
-  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array) -> jax.Array:
-    x_BxLxD = x_BxLxD + self.mixer(self.mixer_norm(x_BxLxD), positions_BxL)
+  def _ffn(self, x: jax.Array, pe: PositionState | None):
+    out = self.ffn(self.ffn_norm(x))
+    return x + out, (None if pe is None else self.tape(pe, out))
+
+  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, pe: PositionState | None = None):
+    h = self.mixer_norm(x_BxLxD)
+    if pe is None:
+      x_BxLxD = x_BxLxD + self.mixer(h, positions_BxL)
+    else:
+      out, pe = self.mixer(h, positions_BxL, pe)
+      x_BxLxD = x_BxLxD + out
     x_BxLxD = shard(x_BxLxD, ("batch", "length", "embed"))
-    x_BxLxD = x_BxLxD + self.ffn(self.ffn_norm(x_BxLxD))
-    return shard(x_BxLxD, ("batch", "length", "embed"))
+    x_BxLxD, pe = self._ffn(x_BxLxD, pe)
+    return shard(x_BxLxD, ("batch", "length", "embed")), pe
 
-  def decode(self, x_BxTxD: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
-    h, cache = self.mixer.decode(self.mixer_norm(x_BxTxD), cache)
-    x_BxTxD = x_BxTxD + h
-    return x_BxTxD + self.ffn(self.ffn_norm(x_BxTxD)), cache
+  def decode(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, cache: Any,
+             pe: PositionState | None = None):
+    h = self.mixer_norm(x_BxTxD)
+    if pe is None:
+      out, cache = self.mixer.decode(h, positions_BxT, cache)
+    else:
+      out, cache, pe = self.mixer.decode(h, positions_BxT, cache, pe)
+    x_BxTxD, pe = self._ffn(x_BxTxD + out, pe)
+    return x_BxTxD, cache, pe
 
 
-def _apply_block(block: Block, x: jax.Array, positions: jax.Array) -> jax.Array:
-  return block(x, positions)
+def _apply_block(block: Block, x: jax.Array, positions: jax.Array, pe):
+  return block(x, positions, pe)
+
+
+@struct.dataclass
+class Cache:
+  """Decoding state: how many positions are filled, and each layer's mixer cache."""
+
+  index: jax.Array
+  layers: list[Any]
 
 
 class Transformer(nnx.Module):
   """``model(tokens [b, t]) -> logits [b, t, vocab]``. With ``mixers=("attention",)``,
-  ``norm="rmsnorm"`` and ``mlp_activation="swiglu"`` this is the Llama architecture."""
+  ``norm="rmsnorm"``, ``mlp_activation="swiglu"`` and RoPE this is the Llama architecture."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
     self.embed = Embed(config.vocab_size, config.d_model, init_std=config.init_std, rngs=rngs)
+    self.positions = (
+        LearnedPositions(config.max_position, config.d_model, init_std=config.init_std, rngs=rngs)
+        if config.positional == "learned" else None
+    )
     self.blocks = nnx.List([Block(config, i, rngs=rngs) for i in range(config.num_layers)])
     self.final_norm = make_norm(config)
     self.lm_head = (
@@ -67,6 +99,14 @@ class Transformer(nnx.Module):
             init_std=config.init_std, rngs=rngs,
         )
     )
+
+  def _inputs(self, tokens: jax.Array, positions: jax.Array):
+    """Token (+ learned position) embeddings, and TAPE's initial position features."""
+    x = self.embed(tokens)
+    if self.positions is not None:
+      x = x + self.positions(positions).astype(x.dtype)
+    pe = initial_position_state(positions, self.config) if self.config.positional == "tape" else None
+    return shard(x, ("batch", "length", "embed")), pe
 
   def _logits(self, x_BxLxD: jax.Array) -> jax.Array:
     x_BxLxD = self.final_norm(x_BxLxD)
@@ -79,27 +119,43 @@ class Transformer(nnx.Module):
     b, t = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    x = shard(self.embed(tokens), ("batch", "length", "embed"))
+    x, pe = self._inputs(tokens, positions)
     apply = _apply_block
     if self.config.remat != "none":
       apply = nnx.remat(_apply_block, policy=_REMAT_POLICIES[self.config.remat])
     for block in self.blocks:
-      x = apply(block, x, positions)
+      x, pe = apply(block, x, positions, pe)
     return self._logits(x)
 
-  def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> list[Any]:
-    return [block.mixer.init_cache(batch, max_len, dtype) for block in self.blocks]
+  def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
+    layers = [block.mixer.init_cache(batch, max_len, dtype) for block in self.blocks]
+    return Cache(index=jnp.zeros((), jnp.int32), layers=layers)
 
-  def decode(
-      self, tokens: Int[Array, "b t"], caches: list[Any]
-  ) -> tuple[Float[Array, "b t vocab"], list[Any]]:
-    """Logits for the next t tokens given the caches of everything before them."""
-    x = self.embed(tokens)
-    new_caches = []
-    for block, cache in zip(self.blocks, caches):
-      x, cache = block.decode(x, cache)
-      new_caches.append(cache)
-    return self._logits(x), new_caches
+  def decode(self, tokens: Int[Array, "b t"], cache: Cache) -> tuple[Float[Array, "b t vocab"], Cache]:
+    """Logits for the next t tokens given the cache of everything before them."""
+    b, t = tokens.shape
+    positions = cache.index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    x, pe = self._inputs(tokens, positions)
+    layers = []
+    for block, layer_cache in zip(self.blocks, cache.layers):
+      x, layer_cache, pe = block.decode(x, positions, layer_cache, pe)
+      layers.append(layer_cache)
+    return self._logits(x), Cache(index=cache.index + t, layers=layers)
+
+
+def convert_positional(model: Transformer, positional: str, *, rngs: nnx.Rngs) -> Transformer:
+  """The same model with another positional encoding: every parameter the two share
+  is copied, new ones (e.g. TAPE's, zero-initialized so TAPE starts as RoPE) keep their
+  initialization. Used to fine-tune a pretrained RoPE model into TAPE."""
+  config = dataclasses.replace(model.config, positional=positional)
+  new = Transformer(config, rngs=rngs)
+  old_params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  new_params = nnx.state(new, nnx.Param)
+  for path, variable in nnx.to_flat_state(new_params):
+    if path in old_params:
+      variable.set_value(old_params[path][...])
+  nnx.update(new, new_params)
+  return new
 
 
 def sample_token(

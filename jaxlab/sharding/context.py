@@ -42,3 +42,12 @@ def named_sharding(mesh: Mesh, names: Sequence[str | None] | None, rules: Rules)
   """The NamedSharding of a tensor with logical ``names`` (replicated for ``None``)."""
   spec = PartitionSpec() if names is None else logical_to_spec(names, rules)
   return NamedSharding(mesh, spec)
+
+
+def mesh_axes_of(name: str):
+  """The mesh axes a logical name resolves to under the active mesh and rules (None
+  without a mesh): what a kernel's shard_map splits that dimension over."""
+  rules = _RULES.get()
+  if rules is None or jax.sharding.get_abstract_mesh().empty:
+    return None
+  return logical_to_spec((name,), rules)[0]

@@ -9,24 +9,15 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from jaxlab.train.state import path_name
+
 
 class CheckpointMismatchError(ValueError):
   """The checkpoint holds a different model than the config describes."""
 
 
-def _path_key(path) -> str:
-  parts = []
-  for entry in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(entry, attr):
-        parts.append(str(getattr(entry, attr)))
-        break
-  parts = parts[:-1] if parts and parts[-1] == "value" else parts
-  return "/".join(parts)
-
-
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-  return {_path_key(p): tuple(leaf.shape) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {path_name(p): tuple(leaf.shape) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def restore_target(abstract: Any, shardings: Any) -> Any:

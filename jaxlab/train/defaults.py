@@ -28,6 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.optim = dict(
       learning_rate=1e-3, warmup_steps=50, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
       weight_decay=0.1, clip_norm=1.0,
+      trainable=None,  # regex over parameter paths ('tape' for TAPE-only fine-tuning); None: all
   )
   config.train = dict(
       steps=1000,

@@ -169,17 +169,20 @@ class Trainer:
     batches = data_lib.eval_batches(
         self.sources.validation, self.config.data.batch_size, self.config.train.eval_batches
     )
-    sums = None
+    sums, count = None, 0
     with use_mesh(self.mesh, self.rules):
       for batch in batches:
         out = self.eval_step(state, _global_batch(batch, self.batch_sharding))
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+        count += 1
     sums = _fetch(sums)
     loss = float(sums["loss_sum"] / max(sums["weight_sum"], 1.0))
+    sinks = {f"eval/{k}": float(v) / count for k, v in sums.items() if k.startswith("attention_sink")}
     return {
         "eval/loss": loss,
         "eval/perplexity": float(np.exp(min(loss, 50.0))),
         "eval/accuracy": float(sums["correct_sum"] / max(sums["weight_sum"], 1.0)),
+        **sinks,
     }
 
   def _stop_error(self, what: str, step: int) -> NonFiniteLossError:

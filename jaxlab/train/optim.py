@@ -1,12 +1,16 @@
-"""AdamW with linear warmup, cosine decay, global-norm clipping, and no weight decay
-on norms and biases."""
+"""AdamW with linear warmup, cosine decay, global-norm clipping, no weight decay on
+norms and biases, and optionally only some parameters trained (parameter-efficient
+fine-tuning)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
 import optax
+
+from jaxlab.train.state import path_name
 
 
 def learning_rate_schedule(optim: Any, total_steps: int) -> optax.Schedule:
@@ -30,6 +34,21 @@ def decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+def trainable_labels(pattern: str) -> Any:
+  """Labels 'train' for parameters whose path (e.g. 'blocks/3/tape/up') matches the
+  regular expression ``pattern``, 'freeze' for the rest."""
+  regex = re.compile(pattern)
+
+  def labels(params):
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    names = [path_name(p) for p, _ in flat]
+    if not any(regex.search(n) for n in names):
+      raise ValueError(f"optim.trainable={pattern!r} matches no parameter; paths look like {names[0]!r}.")
+    return jax.tree_util.tree_unflatten(treedef, ["train" if regex.search(n) else "freeze" for n in names])
+
+  return labels
+
+
 def make_optimizer(optim: Any, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
   schedule = learning_rate_schedule(optim, total_steps)
   tx = optax.chain(
@@ -39,4 +58,7 @@ def make_optimizer(optim: Any, total_steps: int) -> tuple[optax.GradientTransfor
           weight_decay=optim.weight_decay, mask=decay_mask,
       ),
   )
+  if optim.get("trainable"):
+    tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()},
+                               trainable_labels(optim.trainable))
   return tx, schedule

@@ -26,6 +26,17 @@ def is_variable(x: Any) -> bool:
   return isinstance(x, nnx.Variable)
 
 
+def path_name(path) -> str:
+  """A tree path as 'params/blocks/0/mixer/q/kernel' (no trailing 'value')."""
+  parts = []
+  for entry in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(entry, attr):
+        parts.append(str(getattr(entry, attr)))
+        break
+  return "/".join(parts[:-1] if parts and parts[-1] == "value" else parts)
+
+
 def model_graphdef(model_config: ModelConfig) -> nnx.GraphDef:
   """The static structure of the model, from an abstract (allocation-free) instance."""
   return nnx.graphdef(nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0))))

@@ -88,10 +88,26 @@ def train_step(
   return new_state, metrics
 
 
+def forward_with_sinks(model: nnx.Module, inputs: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Logits and each attention layer's mean attention weight on the first token
+  (the attention-sink measure), captured from a forward pass."""
+  model.set_attributes(record_sink=True, raise_if_not_found=False)
+  logits, sown = nnx.capture(model, nnx.Intermediate)(inputs)
+  model.set_attributes(record_sink=False, raise_if_not_found=False)
+  sinks = {
+      f"attention_sink/layer_{path[1].key}": leaf
+      for path, leaf in jax.tree_util.tree_flatten_with_path(sown)[0]
+  }
+  return logits, sinks
+
+
 def eval_step(
     state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef, compute_dtype: str
 ) -> dict[str, jax.Array]:
-  """Sums of weighted loss, correct predictions and weights over one batch."""
-  logits = _forward(graphdef, state.params, state.model_state, batch, COMPUTE_DTYPES[compute_dtype])
+  """Sums of weighted loss, correct predictions and weights over one batch, and each
+  attention layer's mean attention weight on the first token."""
+  model = nnx.merge(graphdef, cast_floating(state.params, COMPUTE_DTYPES[compute_dtype]),
+                    state.model_state)
+  logits, sinks = forward_with_sinks(model, shard(batch["inputs"], ("batch", "length")))
   total, correct, weight = weighted_cross_entropy(logits, batch)
-  return {"loss_sum": total, "correct_sum": correct, "weight_sum": weight}
+  return {"loss_sum": total, "correct_sum": correct, "weight_sum": weight, **sinks}

@@ -165,3 +165,38 @@ def flash_attention(
   slope_spec = None if slopes is None else P(head_axes)
   return jax.shard_map(run, in_specs=(heads, heads, heads, *seg_specs, slope_spec), out_specs=heads,
                        check_vma=False)(q, k, v, q_seg, kv_seg, slopes)
+
+
+def attention_to_first_key(
+    q: Float[Array, "b t hq d"],
+    k: Float[Array, "b s hkv d"],
+    *,
+    causal: bool = False,
+    segment_ids: tuple[Int[Array, "b t"], Int[Array, "b s"]] | None = None,
+    sliding_window: int | None = None,
+    logit_soft_cap: float | None = None,
+    scale: float | None = None,
+    alibi_slopes: Float[Array, "hq"] | None = None,
+) -> Float[Array, "b t hq"]:
+  """The attention weight each query puts on key 0 (the attention-sink measure of Xiao
+  et al. 2024 and Qiu et al. 2025), under the same mask semantics as `flash_attention`,
+  in linear memory: exp(score(q, k_0) - logsumexp over visible keys), 0 if k_0 is hidden."""
+  _validate(q, k, k, segment_ids, sliding_window, logit_soft_cap, alibi_slopes, "xla")
+  b, t, hq, d = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  params = MaskParams(
+      q_offset=s - t, kv_len=s, causal=causal, sliding_window=sliding_window,
+      logit_soft_cap=logit_soft_cap, scale=d**-0.5 if scale is None else float(scale),
+      has_segments=segment_ids is not None, has_alibi=alibi_slopes is not None,
+  )
+  q_seg, kv_seg = (None, None) if segment_ids is None else segment_ids
+  slopes = None if alibi_slopes is None else alibi_slopes.astype(jnp.float32)
+  zeros = jnp.zeros((b, s, hkv, 1), q.dtype)
+  _, lse = xla._forward(q, k, zeros, q_seg, kv_seg, slopes, params, xla.DEFAULT_BLOCK_K)
+  q5 = q.reshape(b, t, hkv, hq // hkv, d).transpose(0, 2, 3, 1, 4).astype(jnp.float32)
+  k0 = k[:, :1].transpose(0, 2, 1, 3).astype(jnp.float32)  # [b, hkv, 1, d]
+  q_seg5 = None if q_seg is None else q_seg.reshape(b, 1, 1, t, 1)
+  k0_seg = None if kv_seg is None else kv_seg[:, :1].reshape(b, 1, 1, 1, 1)
+  s0, visible0 = xla._tile(q5, k0, q_seg5, k0_seg, xla._slopes(slopes, q5), 0, 1, params)
+  weight = jnp.where(visible0, jnp.exp(s0 - lse), 0.0)  # [b, hkv, g, t, 1]
+  return weight[..., 0].transpose(0, 3, 1, 2).reshape(b, t, hq)

@@ -94,3 +94,15 @@ def test_only_llama_shaped_models_export(tmp_path):
   config = ModelConfig(vocab_size=50, d_model=16, num_layers=1, num_heads=2, mlp_dim=32, norm="layernorm")
   with pytest.raises(ValueError, match="model.norm='layernorm'"):
     export_llama(Transformer(config, rngs=nnx.Rngs(0)), config, tmp_path)
+
+
+def test_tape_from_a_loaded_llama_starts_as_the_llama(tmp_path):
+  """TAPE fine-tuning starts from a pretrained RoPE model and reproduces it exactly."""
+  from jaxlab.nn.transformer import convert_positional
+
+  reference = hf_model(0, **{**SHAPES["gqa"], "num_key_value_heads": 8})
+  reference.save_pretrained(tmp_path)
+  model, _ = load_llama(tmp_path)
+  tape = convert_positional(model, "tape", rngs=nnx.Rngs(0))
+  t = tokens(5)
+  np.testing.assert_array_less(np.abs(np.asarray(tape(t)) - hf_logits(reference, t)).max(), 1e-4)

@@ -160,7 +160,8 @@ class ShiftMixer(nnx.Module):
     del max_len
     return jnp.zeros((batch, 1, self.d_model), dtype)
 
-  def decode(self, x, cache):
+  def decode(self, x, positions, cache):
+    del positions
     shifted = jnp.concatenate([cache, x], axis=1)
     return shifted[:, :-1], shifted[:, -1:]
 
