@@ -7,10 +7,10 @@ from typing import Any
 
 from jaxlab.data import corpora
 from jaxlab.data.pipeline import PackedWindows, eval_batches, split_stream, train_dataset
-from jaxlab.data.synthetic import MQAR
+from jaxlab.data.synthetic import MQAR, Addition, Passkey
 from jaxlab.data.tokenizers import ByteTokenizer, Tokenizer, make_tokenizer
 
-SOURCES = ("python_docs", "text", "tokens", "mqar")
+SOURCES = ("python_docs", "text", "tokens", "mqar", "addition", "passkey")
 
 
 @dataclasses.dataclass
@@ -24,20 +24,32 @@ class DataSources:
   tokenizer: Tokenizer | None
 
 
+def _synthetic(data: Any, seed: int) -> DataSources:
+  """MQAR, addition or passkey: train and validation drawn with different seeds."""
+  fields = dict(data[data.source])
+  num_train, num_eval = fields.pop("num_train"), fields.pop("num_eval")
+  if data.source == "mqar":
+    fields.update(seq_len=data.seq_len)
+    cls, vocab = MQAR, fields["vocab_size"]
+  elif data.source == "addition":
+    fields.update(seq_len=data.seq_len)
+    cls, vocab = Addition, Addition.VOCAB_SIZE
+  else:
+    if fields["max_len"] != data.seq_len:
+      raise ValueError(f"data.passkey.max_len={fields['max_len']} must equal data.seq_len={data.seq_len}.")
+    cls, vocab = Passkey, Passkey.VOCAB_SIZE
+  return DataSources(
+      train=cls(num_examples=num_train, seed=seed, **fields),
+      validation=cls(num_examples=num_eval, seed=seed + 1_000_003, **fields),
+      vocab_size=vocab,
+      tokenizer=None,
+  )
+
+
 def make_sources(data: Any, seed: int) -> DataSources:
   """Builds the sources named by ``data.source`` (see experiments/configs for fields)."""
-  if data.source == "mqar":
-    mqar = dict(data.mqar)
-    common = dict(
-        vocab_size=mqar["vocab_size"], seq_len=data.seq_len, num_kv_pairs=mqar["num_kv_pairs"],
-        power_a=mqar.get("power_a", 0.01), random_non_queries=mqar.get("random_non_queries", True),
-    )
-    return DataSources(
-        train=MQAR(num_examples=mqar["num_train"], seed=seed, **common),
-        validation=MQAR(num_examples=mqar["num_eval"], seed=seed + 1_000_003, **common),
-        vocab_size=mqar["vocab_size"],
-        tokenizer=None,
-    )
+  if data.source in ("mqar", "addition", "passkey"):
+    return _synthetic(data, seed)
   if data.source not in SOURCES:
     raise ValueError(f"data.source={data.source!r} is not known; use one of {SOURCES}.")
   tokenizer = make_tokenizer(data.get("tokenizer", "bytes"))
@@ -58,6 +70,6 @@ def make_sources(data: Any, seed: int) -> DataSources:
 
 
 __all__ = [
-    "ByteTokenizer", "DataSources", "MQAR", "PackedWindows", "SOURCES", "Tokenizer",
+    "Addition", "ByteTokenizer", "DataSources", "MQAR", "PackedWindows", "Passkey", "SOURCES", "Tokenizer",
     "eval_batches", "make_sources", "make_tokenizer", "split_stream", "train_dataset",
 ]

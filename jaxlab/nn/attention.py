@@ -4,8 +4,6 @@ caches (a ring buffer of the window size for sliding windows)."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
@@ -85,11 +83,13 @@ class Attention(nnx.Module):
   def _slopes(self) -> jax.Array | None:
     return jnp.asarray(alibi_slopes(self.config.num_heads)) if self.config.positional == "alibi" else None
 
-  def _mask_params(self, t: int, s: int) -> MaskParams:
+  def _decode_params(self) -> MaskParams:
+    """Mask rules for `cache_attention`: positions are explicit, and whether a cache
+    slot holds a key rides on the segment test."""
     c = self.config
-    return MaskParams(q_offset=s - t, kv_len=s, causal=True, sliding_window=c.sliding_window,
+    return MaskParams(q_offset=0, kv_len=2**30, causal=True, sliding_window=c.sliding_window,
                       logit_soft_cap=c.logit_soft_cap, scale=c.dim_per_head**-0.5,
-                      has_segments=False, has_alibi=c.positional == "alibi")
+                      has_segments=True, has_alibi=c.positional == "alibi")
 
   def _project(self, x: jax.Array, positions: jax.Array, pe: PositionState | None):
     c = self.config
@@ -175,9 +175,7 @@ class Attention(nnx.Module):
     t = x.shape[1]
     q, k, v = self._project(x, positions, pe)
     v = self._values(v, pe)
-    # Positions are explicit here; validity of slots rides on the segment test.
-    params = dataclasses.replace(self._mask_params(t, cache.k.shape[1]), q_offset=0, kv_len=2**30,
-                                 has_segments=True)
+    params = self._decode_params()
     start = positions[0, 0]
     if cache.positions is None:  # slot i holds position i: write, then attend
       k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, start, 0, 0))

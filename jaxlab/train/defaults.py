@@ -24,6 +24,8 @@ def base_config() -> ml_collections.ConfigDict:
       val_fraction=0.05,
       mqar=dict(vocab_size=8192, num_kv_pairs=16, num_train=100_000, num_eval=3_000,
                 power_a=0.01, random_non_queries=True),
+      addition=dict(min_digits=1, max_digits=8, num_train=1_000_000, num_eval=1_000),
+      passkey=dict(min_len=32, max_len=128, digits=5, num_train=1_000_000, num_eval=500),
   )
   config.optim = dict(
       learning_rate=1e-3, warmup_steps=50, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,

@@ -15,6 +15,7 @@ from jaxtyping import Array, Float, Int
 
 from pallas_kernels.flash_attention import gpu, tpu, xla
 from pallas_kernels.flash_attention.common import MaskParams
+from pallas_kernels.interpret import resolve_interpret_backend
 
 IMPLEMENTATIONS = (None, "xla", "pallas", "pallas_interpret")
 
@@ -112,7 +113,7 @@ def flash_attention(
     alibi_slopes: Float[Array, "hq"] | None = None,
     implementation: str | None = None,
     block_sizes: BlockSizes = BlockSizes(),
-    interpret_backend: str = "tpu",
+    interpret_backend: str | None = None,
     batch_axes: str | Sequence[str] | None = None,
     head_axes: str | Sequence[str] | None = None,
 ) -> Float[Array, "b t hq dv"]:
@@ -127,12 +128,14 @@ def flash_attention(
 
   ``implementation``: ``"xla"`` blocked online softmax in plain JAX; ``"pallas"`` the
   Mosaic kernel on TPU and the Pallas GPU kernel on GPU; ``"pallas_interpret"`` the
-  same kernels in interpret mode (``interpret_backend`` picks ``"tpu"`` or ``"gpu"``);
+  same kernels in interpret mode (``interpret_backend`` picks ``"tpu"`` or ``"gpu"``; see
+  `pallas_kernels.interpret`);
   None chooses per platform at lowering time (TPU and GPU kernels, XLA elsewhere).
   Under an active mesh the call runs inside ``shard_map`` with batch split over
   ``batch_axes`` and heads over ``head_axes``.
   """
   _validate(q, k, v, segment_ids, sliding_window, logit_soft_cap, alibi_slopes, implementation)
+  interpret_backend = resolve_interpret_backend(interpret_backend)
   t, s, d = q.shape[1], k.shape[1], q.shape[3]
   params = MaskParams(
       q_offset=s - t, kv_len=s, causal=causal, sliding_window=sliding_window,

@@ -16,6 +16,11 @@ from pallas_kernels.flash_attention.common import (
 DEFAULT_BLOCK_K = 512
 
 
+def key_block(block_k: int, s: int) -> int:
+  """The key block: never longer than the keys (padding short sequences is waste)."""
+  return min(block_k, s)
+
+
 def _layout(q, k, v, q_seg, kv_seg, block_k):
   """q [b, hkv, g, t, d]; k, v [nk, b, hkv, bk, d]; segments broadcastable to scores."""
   b, t, hq, d = q.shape
@@ -52,6 +57,7 @@ def _slopes(slopes, q):
 
 
 def _forward(q, k, v, q_seg, kv_seg, slopes, p: MaskParams, block_k: int):
+  block_k = key_block(block_k, k.shape[1])
   b, t, hq, _ = q.shape
   dv = v.shape[3]
   q5, k_blocks, v_blocks, q_seg5, kv_seg_blocks, nk = _layout(q, k, v, q_seg, kv_seg, block_k)
@@ -81,6 +87,7 @@ def _forward(q, k, v, q_seg, kv_seg, slopes, p: MaskParams, block_k: int):
 
 
 def _backward(q, k, v, q_seg, kv_seg, slopes, out, lse, dout, p: MaskParams, block_k: int):
+  block_k = key_block(block_k, k.shape[1])
   b, t, hq, d = q.shape
   s_len, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
   q5, k_blocks, v_blocks, q_seg5, kv_seg_blocks, nk = _layout(q, k, v, q_seg, kv_seg, block_k)

@@ -172,3 +172,53 @@ class TestMQAR:
       MQAR(vocab_size=128, seq_len=48, num_kv_pairs=16, num_examples=1, seed=0)
     with pytest.raises(ValueError, match="vocab_size > data.seq_len"):
       MQAR(vocab_size=32, seq_len=64, num_kv_pairs=4, num_examples=1, seed=0)
+
+
+def _decode_number(tokens):
+  return int("".join(str(t) for t in reversed(list(tokens))))
+
+
+class TestAddition:
+
+  def test_problems_are_correct_reversed_sums(self):
+    from jaxlab.data import Addition
+
+    task = Addition(min_digits=1, max_digits=8, num_examples=50, seed=0)
+    lengths = set()
+    for i in range(50):
+      r = task[i]
+      sequence = np.concatenate([r["inputs"][:1], r["targets"]])
+      plus = int(np.flatnonzero(sequence == Addition.PLUS)[0])
+      equals = int(np.flatnonzero(sequence == Addition.EQUALS)[0])
+      eos = int(np.flatnonzero(sequence == Addition.EOS)[0])
+      a, b, c = (_decode_number(sequence[s:e]) for s, e in ((0, plus), (plus + 1, equals), (equals + 1, eos)))
+      assert a + b == c
+      lengths.update((plus, equals - plus - 1))
+      # weight exactly on the answer digits and the EOS, as targets
+      np.testing.assert_array_equal(np.flatnonzero(r["weights"]), np.arange(equals, eos))
+    assert lengths == set(range(1, 9))
+
+  def test_fixed_length_test_problems(self):
+    from jaxlab.data import Addition
+
+    r = Addition(min_digits=12, max_digits=12, num_examples=1, seed=3)[0]
+    assert r["inputs"].shape == (40,)
+    assert int(np.flatnonzero(r["inputs"] == Addition.PLUS)[0]) == 12
+
+
+class TestPasskey:
+
+  def test_key_is_asked_for_at_the_end(self):
+    from jaxlab.data import Passkey
+
+    task = Passkey(min_len=24, max_len=64, num_examples=20, seed=0)
+    for i in range(20):
+      r = task[i]
+      x, y, w = r["inputs"], r["targets"], r["weights"]
+      key_at = int(np.flatnonzero(x == Passkey.KEY)[0])
+      key = x[key_at + 1 : key_at + 6]
+      query_at = int(np.flatnonzero(x == Passkey.QUERY)[0])
+      answer = np.flatnonzero(w)
+      np.testing.assert_array_equal(answer, np.arange(query_at, query_at + 6))
+      np.testing.assert_array_equal(y[answer], [*key, Passkey.EOS])
+      assert 24 <= query_at + 6 <= 64 and np.all(x[:key_at] >= Passkey.FILLER)

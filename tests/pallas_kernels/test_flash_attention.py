@@ -137,6 +137,7 @@ def test_default_implementation_on_cpu_is_the_xla_path():
         (dict(logit_soft_cap=-1.0), "logit_soft_cap=-1.0"),
         (dict(implementation="triton"), "implementation='triton'"),
         (dict(alibi_slopes=jnp.ones(3)), "alibi_slopes must be"),
+        (dict(implementation="pallas_interpret", interpret_backend="cpu"), "interpret_backend='cpu'"),
     ],
 )
 def test_bad_arguments(kwargs, message):

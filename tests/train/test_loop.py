@@ -36,6 +36,8 @@ def test_a_run_leaves_metrics_checkpoints_plot_and_samples(tiny_config, tmp_path
   evals = [r for r in records if "eval/loss" in r]
   assert [r["step"] for r in evals] == [4, 8]
   assert evals[-1]["eval/perplexity"] == pytest.approx(np.exp(evals[-1]["eval/loss"]), rel=1e-5)
+  for layer in (0, 1):  # the attention-sink measure of every attention layer
+    assert 0 < evals[-1][f"eval/attention_sink/layer_{layer}"] <= 1
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [4, 8]
   assert (tmp_path / "loss.png").stat().st_size > 1000
   assert (tmp_path / "samples.txt").read_text().count("--- continuation ---") == 2

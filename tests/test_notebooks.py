@@ -1,0 +1,24 @@
+"""Every notebook in colab/ runs top to bottom on CPU (at a small size)."""
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted(p.name for p in (REPO / "colab").glob("*.ipynb"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs(name, monkeypatch):
+  monkeypatch.setenv("JAXLAB_NOTEBOOK_SMALL", "1")
+  notebook = nbformat.read(REPO / "colab" / name, as_version=4)
+  client = NotebookClient(notebook, timeout=900, kernel_name="python3",
+                          resources={"metadata": {"path": str(REPO / "colab")}})
+  client.execute()
+  outputs = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
+                    for o in cell.get("outputs", []))
+  if name == "attention.ipynb":  # the cells that print results did print them
+    assert "GPU kernel (interpret)" in outputs and "exact match by digits" in outputs, outputs[-3000:]
