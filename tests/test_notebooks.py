@@ -22,3 +22,6 @@ def test_notebook_runs(name, monkeypatch):
                     for o in cell.get("outputs", []))
   if name == "attention.ipynb":  # the cells that print results did print them
     assert "GPU kernel (interpret)" in outputs and "exact match by digits" in outputs, outputs[-3000:]
+  if name == "ssm.ipynb":
+    assert "GPU kernel (interpret)" in outputs and "recall accuracy at" in outputs, outputs[-3000:]
+    assert "influence at distance" in outputs, outputs[-3000:]

@@ -11,14 +11,13 @@ Prints a table and writes attention_gpu.json to --out.
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from timing import median_seconds
 
 from pallas_kernels.flash_attention.ops import flash_attention
 from pallas_kernels.flash_attention.reference import attention_reference
@@ -48,17 +47,6 @@ def check_against_reference() -> dict:
   return errors
 
 
-def seconds(fn, *args, repeats: int = 10) -> float:
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 IMPLEMENTATIONS = {
     "pallas": lambda q, k, v: flash_attention(q, k, v, causal=True, implementation="pallas"),
     "xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla"),
@@ -82,8 +70,8 @@ def main(argv) -> None:
       forward = jax.jit(fn)
       train = jax.jit(jax.grad(lambda q, k, v, fn=fn: fn(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2)))
       try:
-        row[f"{name}_fwd_tflops"] = fwd_flops / seconds(forward, q, k, v) / 1e12
-        row[f"{name}_fwd_bwd_tflops"] = 3.5 * fwd_flops / seconds(train, q, k, v) / 1e12
+        row[f"{name}_fwd_tflops"] = fwd_flops / median_seconds(forward, q, k, v) / 1e12
+        row[f"{name}_fwd_bwd_tflops"] = 3.5 * fwd_flops / median_seconds(train, q, k, v) / 1e12
       except Exception as e:  # e.g. XLA running out of memory materializing t x t scores
         row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     rows.append(row)

@@ -2,11 +2,14 @@
 
 from jaxlab.nn.attention import Attention, KVCache, cache_attention
 from jaxlab.nn.config import ModelConfig
+from jaxlab.nn.linear_attention import GatedLinearAttention
 from jaxlab.nn.mlp import MLP
 from jaxlab.nn.registry import FFNS, MIXERS, register_ffn, register_mixer
+from jaxlab.nn.ssm import S4D, Mamba, Mamba2, SSMCache
 from jaxlab.nn.transformer import Block, Cache, Transformer, generate
 
 __all__ = [
-    "Attention", "Block", "Cache", "FFNS", "KVCache", "MIXERS", "MLP", "ModelConfig", "Transformer",
-    "cache_attention", "generate", "register_ffn", "register_mixer",
+    "Attention", "Block", "Cache", "FFNS", "GatedLinearAttention", "KVCache", "MIXERS", "MLP", "Mamba",
+    "Mamba2", "ModelConfig", "S4D", "SSMCache", "Transformer", "cache_attention", "generate",
+    "register_ffn", "register_mixer",
 ]

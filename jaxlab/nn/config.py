@@ -13,6 +13,10 @@ POSITIONAL = ("rope", "alibi", "none", "learned", "tape")
 ROPE_SCALINGS = (None, "linear", "ntk")
 ATTENTION_IMPLS = ("auto", "xla", "pallas", "pallas_interpret", "cudnn")
 ATTENTION_GATES = (None, "elementwise", "headwise")
+SSM_IMPLS = ("auto", "sequential", "associative", "xla", "pallas", "pallas_interpret")
+POLARIZATIONS = (None, "both", "one", "zero")
+S4D_INITS = ("lin", "inv", "real")
+DEFAULT_STATE = {"mamba": 16, "mamba2": 128, "s4d": 64}  # the source papers' defaults
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +44,25 @@ class ModelConfig:
   sliding_window: int | None = None  # attend to the w most recent positions, self included
   logit_soft_cap: float | None = None
   attention_gate: str | None = None  # None | elementwise | headwise (sigmoid output gate)
+  # state space mixers: mamba (Gu & Dao 2023), mamba2 (Dao & Gu 2024), s4d (Gu et al. 2022)
+  ssm_state: int | None = None  # state size N per channel/head; None: 16 mamba, 128 mamba2, 64 s4d
+  ssm_expand: int = 2  # inner width = ssm_expand x d_model
+  ssm_conv: int = 4  # causal depthwise convolution width
+  ssm_dt_rank: int | None = None  # mamba's low-rank step-size projection; None: ceil(d_model / 16)
+  ssm_dt_min: float = 1e-3  # initial step sizes are log-uniform in [ssm_dt_min, ssm_dt_max]
+  ssm_dt_max: float = 0.1
+  ssm_head_dim: int = 64  # mamba2 head width P
+  ssm_groups: int = 1  # mamba2 groups of heads sharing B and C
+  ssm_chunk: int = 64  # chunk length of the chunked scans of mamba2 and gla
+  ssm_impl: str = "auto"  # auto | sequential | associative (mamba only) | xla | pallas | pallas_interpret
+  polarization: str | None = None  # mamba: None | both | one (A = 0 state) | zero (A = -inf state)
+  s4d_init: str = "lin"  # S4D-Lin | S4D-Inv | S4D-Real
+  # gated linear attention (Yang et al. 2024, fla's GatedLinearAttention layer)
+  gla_heads: int | None = None  # None: num_heads
+  gla_expand_k: float = 0.5
+  gla_expand_v: float = 1.0
+  gla_gate_rank: int = 16  # low-rank forget-gate projection
+  gla_gate_normalizer: float = 16.0  # log g = logsigmoid(.) / normalizer
   # feed-forward
   mlp_dim: int = 1024
   mlp_activation: str = "swiglu"
@@ -81,6 +104,10 @@ class ModelConfig:
       )
     if not self.mixers or not self.ffns:
       raise ValueError("model.mixers and model.ffns each need at least one entry.")
+    _check_choice(self, "ssm_impl", SSM_IMPLS)
+    _check_choice(self, "polarization", POLARIZATIONS)
+    _check_choice(self, "s4d_init", S4D_INITS)
+    self._check_recurrent_mixers()
     if self.head_dim is None and self.d_model % self.num_heads:
       raise ValueError(
           f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}; "
@@ -93,6 +120,70 @@ class ModelConfig:
       )
     if self.positional in ("rope", "tape") and self.dim_per_head % 2:
       raise ValueError(f"{self.positional} needs an even head_dim; got {self.dim_per_head}.")
+
+  def _check_recurrent_mixers(self) -> None:
+    mixers = set(self.mixers)
+    if self.ssm_state is not None:
+      _check_positive(self, "ssm_state")
+    _check_positive(self, "ssm_expand", "ssm_conv", "ssm_head_dim", "ssm_groups", "ssm_chunk", "gla_gate_rank")
+    if self.positional == "tape" and mixers != {"attention"}:
+      raise ValueError(f"TAPE carries position features through attention layers only; model.mixers="
+                       f"{self.mixers} has others. Use positional='rope' or 'none' for hybrids.")
+    if self.positional == "tape" and "none" in self.ffns:
+      raise ValueError("TAPE updates positions from the FFN output; model.ffns may not contain 'none'.")
+    if self.polarization is not None and "mamba" not in mixers:
+      raise ValueError(f"model.polarization={self.polarization!r} applies to 'mamba' mixers; model.mixers="
+                       f"{self.mixers} has none.")
+    if self.ssm_impl == "associative" and mixers & {"mamba2", "gla"}:
+      raise ValueError("model.ssm_impl='associative' exists for 'mamba' only; use 'xla' (chunked) for "
+                       "mamba2 and gla.")
+    if self.ssm_dt_rank is not None and self.ssm_dt_rank < 1:
+      raise ValueError(f"model.ssm_dt_rank={self.ssm_dt_rank} must be >= 1 (or None).")
+    if not 0 < self.ssm_dt_min <= self.ssm_dt_max:
+      raise ValueError(f"need 0 < model.ssm_dt_min ({self.ssm_dt_min}) <= model.ssm_dt_max ({self.ssm_dt_max}).")
+    if "mamba2" in mixers:
+      if self.ssm_inner % self.ssm_head_dim:
+        raise ValueError(f"mamba2: inner width ssm_expand x d_model = {self.ssm_inner} is not divisible by "
+                         f"model.ssm_head_dim={self.ssm_head_dim}; pick a head_dim that divides it.")
+      if self.ssm_heads % self.ssm_groups:
+        raise ValueError(f"mamba2: {self.ssm_heads} heads are not divisible by model.ssm_groups="
+                         f"{self.ssm_groups}; pick groups dividing the head count.")
+    if "s4d" in mixers and self.state_size("s4d") % 2:
+      raise ValueError(f"s4d keeps N/2 complex-conjugate pairs: model.ssm_state={self.ssm_state} must be even.")
+    if "gla" in mixers:
+      if self.ssm_chunk < 16 or self.ssm_chunk & (self.ssm_chunk - 1):
+        raise ValueError(f"gla: model.ssm_chunk={self.ssm_chunk} must be a power of two >= 16 (e.g. 64).")
+      for name, width in (("gla_expand_k", self.gla_key_dim), ("gla_expand_v", self.gla_value_dim)):
+        if width < 1 or width != getattr(self, name) * self.d_model or width % self.gla_num_heads:
+          raise ValueError(f"gla: model.{name}={getattr(self, name)} x d_model={self.d_model} must be an "
+                           f"integer divisible by {self.gla_num_heads} heads (model.gla_heads).")
+
+  @property
+  def ssm_inner(self) -> int:
+    return self.ssm_expand * self.d_model
+
+  @property
+  def ssm_heads(self) -> int:
+    return self.ssm_inner // self.ssm_head_dim
+
+  @property
+  def dt_rank(self) -> int:
+    return -(-self.d_model // 16) if self.ssm_dt_rank is None else self.ssm_dt_rank
+
+  def state_size(self, mixer: str) -> int:
+    return DEFAULT_STATE[mixer] if self.ssm_state is None else self.ssm_state
+
+  @property
+  def gla_num_heads(self) -> int:
+    return self.num_heads if self.gla_heads is None else self.gla_heads
+
+  @property
+  def gla_key_dim(self) -> int:
+    return round(self.gla_expand_k * self.d_model)
+
+  @property
+  def gla_value_dim(self) -> int:
+    return round(self.gla_expand_v * self.d_model)
 
   @property
   def kv_heads(self) -> int:

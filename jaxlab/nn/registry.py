@@ -5,7 +5,9 @@ A mixer is built as ``cls(config, layer=i, rngs=rngs)`` and offers three calls:
 and ``decode(x, positions, cache) -> (y, cache)`` for the next ``x.shape[1]`` tokens at
 ``positions`` (one token when decoding, the whole prompt when prefilling). A mixer
 that supports TAPE also takes and returns the position features ``pe`` in both calls.
-A feed-forward layer is built the same way and called as ``ffn(x)``.
+A feed-forward layer is built the same way and called as ``ffn(x)``; the name ``"none"``
+leaves a block without one. Registered mixers: ``attention`` (jaxlab/nn/attention.py),
+``mamba``, ``mamba2``, ``s4d`` (jaxlab/nn/ssm.py), ``gla`` (jaxlab/nn/linear_attention.py).
 """
 
 from __future__ import annotations

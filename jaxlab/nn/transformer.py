@@ -12,7 +12,9 @@ from flax import nnx, struct
 from jaxtyping import Array, Float, Int
 
 from jaxlab.nn import attention as _attention  # noqa: F401  (registers "attention")
+from jaxlab.nn import linear_attention as _linear_attention  # noqa: F401  (registers "gla")
 from jaxlab.nn import mlp as _mlp  # noqa: F401  (registers "mlp")
+from jaxlab.nn import ssm as _ssm  # noqa: F401  (registers "mamba", "mamba2", "s4d")
 from jaxlab.nn.config import ModelConfig
 from jaxlab.nn.embed import Embed
 from jaxlab.nn.linear import Linear
@@ -29,18 +31,22 @@ _REMAT_POLICIES = {
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x)). With TAPE the
-  block also carries the position features: the mixer updates them and so does the
-  TAPE map gated by the FFN's output."""
+  """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x)) (no FFN when the
+  config names ``"none"``, as in Zoology's recall models). With TAPE the block also
+  carries the position features: the mixer updates them and so does the TAPE map gated
+  by the FFN's output."""
 
   def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
     self.mixer_norm = make_norm(config)
     self.mixer = lookup(MIXERS, "mixer", config.mixer_of(layer))(config, layer=layer, rngs=rngs)
-    self.ffn_norm = make_norm(config)
-    self.ffn = lookup(FFNS, "ffn", config.ffn_of(layer))(config, layer=layer, rngs=rngs)
+    has_ffn = config.ffn_of(layer) != "none"
+    self.ffn_norm = make_norm(config) if has_ffn else None
+    self.ffn = lookup(FFNS, "ffn", config.ffn_of(layer))(config, layer=layer, rngs=rngs) if has_ffn else None
     self.tape = TapeMLPUpdate(config, rngs=rngs) if config.positional == "tape" else None
 
   def _ffn(self, x: jax.Array, pe: PositionState | None):
+    if self.ffn is None:
+      return x, pe
     out = self.ffn(self.ffn_norm(x))
     return x + out, (None if pe is None else self.tape(pe, out))
 
@@ -113,19 +119,33 @@ class Transformer(nnx.Module):
     logits = self.embed.attend(x_BxLxD) if self.lm_head is None else self.lm_head(x_BxLxD)
     return shard(logits, ("batch", "length", "vocab"))
 
-  def __call__(
+  def embeddings(
       self, tokens: Int[Array, "b t"], positions: Int[Array, "b t"] | None = None
-  ) -> Float[Array, "b t vocab"]:
+  ) -> tuple[Float[Array, "b t d"], Int[Array, "b t"], PositionState | None]:
+    """The blocks' input: embeddings, positions (default 0..t-1) and TAPE's features."""
     b, t = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     x, pe = self._inputs(tokens, positions)
+    return x, positions, pe
+
+  def hidden_states(
+      self, x: Float[Array, "b t d"], positions: Int[Array, "b t"], pe: PositionState | None = None
+  ) -> list[Float[Array, "b t d"]]:
+    """The residual stream before the first block and after each block."""
     apply = _apply_block
     if self.config.remat != "none":
       apply = nnx.remat(_apply_block, policy=_REMAT_POLICIES[self.config.remat])
+    states = [x]
     for block in self.blocks:
       x, pe = apply(block, x, positions, pe)
-    return self._logits(x)
+      states.append(x)
+    return states
+
+  def __call__(
+      self, tokens: Int[Array, "b t"], positions: Int[Array, "b t"] | None = None
+  ) -> Float[Array, "b t vocab"]:
+    return self._logits(self.hidden_states(*self.embeddings(tokens, positions))[-1])
 
   def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
     layers = [block.mixer.init_cache(batch, max_len, dtype) for block in self.blocks]

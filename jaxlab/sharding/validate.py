@@ -46,15 +46,15 @@ def check_batch(batch_size: int, grad_accum: int, mesh: Mesh, rules: Rules) -> N
 
 
 def check_divisible(
-    abstract: Any, mesh: Mesh, rules: Rules, fields: Mapping[str, tuple[str, int]]
+    abstract: Any, mesh: Mesh, rules: Rules, fields: Mapping[str, list[tuple[str, int]]]
 ) -> None:
   """Every sharded dimension of every variable must divide by its mesh axes.
 
-  ``fields`` maps a logical name to the config field that sets it (e.g.
-  ``{"heads": ("model.num_heads", 6)}``) so the error names what to change; all
-  offending fields are listed, in the order of ``fields``.
+  ``fields`` maps a logical name to the config fields that set it (e.g.
+  ``{"heads": [("model.num_heads", 6)]}``); the error names the field whose value is
+  the offending size; all offending fields are listed, in the order of ``fields``.
   """
-  bad_fields: dict[str, str] = {}
+  bad_fields: dict[tuple[str, str], str] = {}
   bad_params: list[str] = []
   flat = jax.tree_util.tree_flatten_with_path(abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
   for path, var in flat:
@@ -66,9 +66,10 @@ def check_divisible(
       if size % shards == 0:
         continue
       axes = _axes_text(spec[dim])
-      if names[dim] in fields:
-        field, value = fields[names[dim]]
-        bad_fields[names[dim]] = (
+      setters = [(field, value) for field, value in fields.get(names[dim], []) if value == size]
+      if setters:
+        field, value = setters[0]
+        bad_fields[(names[dim], field)] = (
             f"{field}={value} is not divisible by the {axes} mesh axis ({shards} devices); set "
             f"{field} to a multiple of {shards}, or use a smaller {axes} axis."
         )
@@ -77,6 +78,7 @@ def check_divisible(
             f"parameter {jax.tree_util.keystr(path)} has {names[dim]} size {size}, not divisible "
             f"by the {axes} mesh axis ({shards} devices); change its size or the mesh."
         )
-  problems = [bad_fields[name] for name in fields if name in bad_fields] + bad_params
+  order = [(name, field) for name, options in fields.items() for field, _ in options]
+  problems = [bad_fields[key] for key in order if key in bad_fields] + bad_params
   if problems:
     raise ValueError("\n".join(problems))

@@ -15,7 +15,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.model = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
   config.data = dict(
-      source="python_docs",  # python_docs | text | tokens | mqar
+      source="python_docs",  # python_docs | text | tokens | mqar | addition | passkey
       paths=(),  # files or globs for `text` (UTF-8) and `tokens` (.npy / .bin)
       tokenizer="bytes",  # or the path of a Hugging Face tokenizer.json
       token_dtype="uint16",  # element type of .bin token files

@@ -32,12 +32,34 @@ def matmul_params(params: Any, tie_embeddings: bool) -> int:
   return total
 
 
+def mixer_forward_flops(config: ModelConfig, mixer: str, seq_len: int) -> float:
+  """Forward FLOPs per token of a mixer beyond its projections: causal attention
+  4 · heads · head_dim · (T + 1)/2 (PaLM appendix B); the selective scan 9 · inner · N
+  (Gu & Dao 2023, §3.3); SSD and GLA in chunks of Q: the intra-chunk scores and
+  outputs 2 · Q · (N + P) per head plus the state terms 4 · N · P per head (Dao & Gu 2024,
+  §6); S4D's FFT convolution ~ 3 · 5 · d · log2(2T) for the three transforms."""
+  if mixer == "attention":
+    return 4 * config.num_heads * config.dim_per_head * (seq_len + 1) / 2
+  if mixer == "mamba":
+    return 9 * config.ssm_inner * config.state_size("mamba")
+  q = min(config.ssm_chunk, seq_len)
+  if mixer == "mamba2":
+    n, p = config.state_size("mamba2"), config.ssm_head_dim
+    return config.ssm_heads * (2 * q * (n + p) + 4 * n * p)
+  if mixer == "gla":
+    h = config.gla_num_heads
+    dk, dv = config.gla_key_dim // h, config.gla_value_dim // h
+    return h * (2 * q * (dk + dv) + 4 * dk * dv)
+  if mixer == "s4d":
+    return 15 * config.d_model * math.log2(2 * seq_len)
+  return 0.0
+
+
 def train_flops_per_token(params: Any, config: ModelConfig, seq_len: int) -> float:
-  """6 · N_matmul + causal attention, 3 × 4 · heads · head_dim · (T + 1)/2 per layer
-  (forward + backward; Kaplan et al. 2020, PaLM appendix B, counting only the causal half)."""
-  attention_layers = sum(config.mixer_of(i) == "attention" for i in range(config.num_layers))
-  attention = 12 * attention_layers * config.num_heads * config.dim_per_head * (seq_len + 1) / 2
-  return 6 * matmul_params(params, config.tie_embeddings) + attention
+  """6 · N_matmul + 3 × each layer's mixer FLOPs (forward + backward; Kaplan et al.
+  2020, PaLM appendix B)."""
+  mixers = sum(mixer_forward_flops(config, config.mixer_of(i), seq_len) for i in range(config.num_layers))
+  return 6 * matmul_params(params, config.tie_embeddings) + 3 * mixers
 
 
 def measure_matmul_flops(size: int = 2048, repeats: int = 5) -> float:

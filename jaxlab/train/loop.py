@@ -48,15 +48,23 @@ def _all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def model_config_fields(config: ModelConfig) -> dict[str, tuple[str, int]]:
-  """Which config field sets each logical dimension, for sharding errors."""
-  return {
-      "heads": ("model.num_heads", config.num_heads),
-      "kv_heads": ("model.num_kv_heads", config.kv_heads),
-      "mlp": ("model.mlp_dim", config.mlp_dim),
-      "vocab": ("model.vocab_size", config.vocab_size),
-      "embed": ("model.d_model", config.d_model),
+def model_config_fields(config: ModelConfig) -> dict[str, list[tuple[str, int]]]:
+  """Which config fields set each logical dimension, for sharding errors."""
+  mixers = set(config.mixers)
+  fields = {
+      "heads": [("model.num_heads", config.num_heads)],
+      "kv_heads": [("model.num_kv_heads", config.kv_heads)],
+      "mlp": [("model.mlp_dim", config.mlp_dim)],
+      "vocab": [("model.vocab_size", config.vocab_size)],
+      "embed": [("model.d_model", config.d_model)],
   }
+  if mixers & {"mamba", "mamba2"}:
+    fields["mlp"].append(("model.ssm_expand x model.d_model", config.ssm_inner))
+  if "mamba2" in mixers:
+    fields["heads"].append(("model.ssm_expand x model.d_model / model.ssm_head_dim", config.ssm_heads))
+  if "gla" in mixers:
+    fields["heads"].append(("model.gla_heads", config.gla_num_heads))
+  return fields
 
 
 def _global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:

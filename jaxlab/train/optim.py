@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import optax
 
+from jaxlab.nn.ssm import NO_WEIGHT_DECAY
 from jaxlab.train.state import path_name
 
 
@@ -30,8 +31,13 @@ def learning_rate_schedule(optim: Any, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params: Any) -> Any:
-  """Weight decay applies to matrices only: norm scales and biases (1-d) are exempt."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+  """Weight decay applies to matrices only: norm scales and biases (1-d) are exempt, and
+  so are the SSM dynamics (A, D, step sizes; `jaxlab.nn.ssm.NO_WEIGHT_DECAY`)."""
+
+  def decays(path, p) -> bool:
+    return p.ndim > 1 and path_name(path).rsplit("/", 1)[-1] not in NO_WEIGHT_DECAY
+
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def trainable_labels(pattern: str) -> Any:

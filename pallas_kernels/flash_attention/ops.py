@@ -15,7 +15,7 @@ from jaxtyping import Array, Float, Int
 
 from pallas_kernels.flash_attention import gpu, tpu, xla
 from pallas_kernels.flash_attention.common import MaskParams
-from pallas_kernels.interpret import resolve_interpret_backend
+from pallas_kernels.dispatch import choose, resolve_interpret_backend
 
 IMPLEMENTATIONS = (None, "xla", "pallas", "pallas_interpret")
 
@@ -129,7 +129,7 @@ def flash_attention(
   ``implementation``: ``"xla"`` blocked online softmax in plain JAX; ``"pallas"`` the
   Mosaic kernel on TPU and the Pallas GPU kernel on GPU; ``"pallas_interpret"`` the
   same kernels in interpret mode (``interpret_backend`` picks ``"tpu"`` or ``"gpu"``; see
-  `pallas_kernels.interpret`);
+  `pallas_kernels.dispatch`);
   None chooses per platform at lowering time (TPU and GPU kernels, XLA elsewhere).
   Under an active mesh the call runs inside ``shard_map`` with batch split over
   ``batch_axes`` and heads over ``head_axes``.
@@ -145,19 +145,12 @@ def flash_attention(
   slopes = None if alibi_slopes is None else jax.lax.stop_gradient(alibi_slopes.astype(jnp.float32))
   q_seg, kv_seg = (None, None) if segment_ids is None else segment_ids
 
-  def run(q, k, v, q_seg, kv_seg, slopes):
-    kernel = functools.partial(_Kernel, params=params, blocks=block_sizes)
-    on_tpu = lambda *a: _pallas_attention(*a, kernel("tpu", interpret=False))  # noqa: E731
-    on_gpu = lambda *a: _pallas_attention(*a, kernel("gpu", interpret=False))  # noqa: E731
-    on_xla = lambda *a: xla.attention_xla(*a, params, block_sizes.xla_block_k)  # noqa: E731
-    args = (q, k, v, q_seg, kv_seg, slopes)
-    if implementation == "xla":
-      return on_xla(*args)
-    if implementation == "pallas_interpret":
-      return _pallas_attention(*args, kernel(interpret_backend, interpret=True))
-    if implementation == "pallas":
-      return jax.lax.platform_dependent(*args, tpu=on_tpu, cuda=on_gpu)
-    return jax.lax.platform_dependent(*args, tpu=on_tpu, cuda=on_gpu, default=on_xla)
+  def kernel(backend: str, interpret: bool):
+    config = _Kernel(backend, params, block_sizes, interpret)
+    return lambda *args: _pallas_attention(*args, config)
+
+  run = choose(implementation, kernel, lambda *a: xla.attention_xla(*a, params, block_sizes.xla_block_k),
+               interpret_backend)
 
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:

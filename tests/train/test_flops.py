@@ -25,6 +25,16 @@ def test_flops_per_token_by_hand(tie):
       6 * (3 * per_layer + head) + 3 * attention)
 
 
+def test_recurrent_mixers_add_their_scan_flops():
+  """Mamba: 9 · inner · N per layer (Gu & Dao 2023, §3.3); GLA: 2Q(dk + dv) + 4 dk dv per head."""
+  fields = dict(vocab_size=100, d_model=32, num_layers=2, ffns=("none",), ssm_state=16, ssm_chunk=16)
+  for mixer, scan in (("mamba", 9 * 64 * 16), ("gla", 4 * (2 * 16 * (4 + 8) + 4 * 4 * 8))):
+    config = ModelConfig(**fields, mixers=(mixer,), num_heads=4)
+    params = nnx.state(Transformer(config, rngs=nnx.Rngs(0)), nnx.Param)
+    assert train_flops_per_token(params, config, 128) == pytest.approx(
+        6 * matmul_params(params, False) + 3 * 2 * scan)
+
+
 def test_cpu_peak_is_measured_and_plausible():
   peak = peak_flops(jax.devices()[:1])
   assert 1e8 < peak < 1e14 and math.isfinite(peak)
