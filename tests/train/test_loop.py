@@ -1,6 +1,5 @@
 """The whole run: artifacts, exact resume after SIGTERM, NaN stops, checkpoint checks."""
 
-import os
 import signal
 import subprocess
 import sys
