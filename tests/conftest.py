@@ -10,20 +10,18 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 collect_ignore_glob = [] if os.environ.get("JAXLAB_MULTIDEVICE") == "1" else ["multidevice/*"]
 
 
-import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
+
+from jaxlab.train import load_config_module  # noqa: E402
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
 
 
 def load_config(name: str):
   """``get_config()`` of experiments/configs/<name>.py."""
-  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return load_config_module(CONFIGS / f"{name}.py").get_config()
 
 
 @pytest.fixture

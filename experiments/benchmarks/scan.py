@@ -4,7 +4,7 @@ chunked), ssd and gla (chunked against sequential) at t = 1k, 4k, 16k.
   python experiments/benchmarks/scan.py [--out=experiments/benchmarks/results]
 
 Implementations of one kernel run interleaved, best of --repeats, so that a busy
-machine slows them alike; the table gives each one's time and its speedup over the
+machine slows them alike; the backward pass gets a random cotangent, as in training; the table gives each one's time and its speedup over the
 sequential scan. Writes scan_speed.json beside it.
 """
 
@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 from absl import app, flags
+from timing import forward_backward
 
 from pallas_kernels.gla.ops import gla
 from pallas_kernels.selective_scan.ops import selective_scan
@@ -25,11 +26,13 @@ from pallas_kernels.ssd.ops import ssd
 _OUT = flags.DEFINE_string("out", str(Path(__file__).resolve().parent / "results"), "Output folder.")
 _LENGTHS = flags.DEFINE_list("lengths", ["1024", "4096", "16384"], "Sequence lengths.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per implementation (best is kept).")
+_KERNELS = flags.DEFINE_list("kernels", ["selective_scan", "ssd", "gla"], "Kernels to time.")
 
-# Mamba-1: d_inner channels, state N; Mamba-2 / GLA: heads of width P (values) and N (keys).
-SCAN = dict(batch=1, channels=256, state=16)
-SSD = dict(batch=1, heads=4, head_dim=64, state=64, chunk=64)
-GLA = dict(batch=1, heads=4, key_dim=64, value_dim=64, chunk=64)
+# A training batch of one layer of a d_model = 128 model: Mamba-1's d_inner channels with
+# state N; Mamba-2's and GLA's heads of width P (values) and N (keys).
+SCAN = dict(batch=4, channels=256, state=16)
+SSD = dict(batch=4, heads=4, head_dim=64, state=64, chunk=64)
+GLA = dict(batch=4, heads=4, key_dim=64, value_dim=64, chunk=64)
 
 
 def selective_scan_case(t: int):
@@ -72,14 +75,9 @@ def gla_case(t: int):
   return args, {name: run(name) for name in ("sequential", "xla")}
 
 
-def forward_backward(fn, num_args: int):
-  loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32))  # noqa: E731
-  return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(num_args))))
-
-
 def time_side_by_side(args, implementations: dict, repeats: int) -> dict[str, float]:
   """Best wall time per implementation, the calls interleaved."""
-  compiled = {name: forward_backward(fn, len(args)) for name, fn in implementations.items()}
+  compiled = {name: forward_backward(fn, *args) for name, fn in implementations.items()}
   for step in compiled.values():
     jax.block_until_ready(step(*args))
   best = {name: float("inf") for name in compiled}
@@ -95,9 +93,9 @@ def main(argv) -> None:
   del argv
   cases = {"selective_scan": selective_scan_case, "ssd": ssd_case, "gla": gla_case}
   rows = []
-  for kernel, case in cases.items():
+  for kernel in _KERNELS.value:
     for t in map(int, _LENGTHS.value):
-      args, implementations = case(t)
+      args, implementations = cases[kernel](t)
       seconds = time_side_by_side(args, implementations, _REPEATS.value)
       rows.append({"kernel": kernel, "length": t, "seconds": seconds})
       speedups = "  ".join(f"{name} {seconds['sequential'] / s:5.1f}x" for name, s in seconds.items()

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from timing import median_seconds
+from timing import forward_backward, median_seconds
 
 from pallas_kernels.gla.ops import gla
 from pallas_kernels.selective_scan.ops import selective_scan
@@ -82,9 +82,8 @@ def main(argv) -> None:
       row = {"kernel": kernel, "length": t, "batch": max(1, TOKENS // t)}
       for name in names:
         fn = call(kernel, name)
-        loss = lambda *a, fn=fn: jnp.sum(fn(*a).astype(jnp.float32))  # noqa: E731
         row[f"{name}_fwd_ms"] = 1e3 * median_seconds(jax.jit(fn), *args)
-        row[f"{name}_fwd_bwd_ms"] = 1e3 * median_seconds(jax.jit(jax.grad(loss, argnums=tuple(range(len(args))))), *args)
+        row[f"{name}_fwd_bwd_ms"] = 1e3 * median_seconds(forward_backward(fn, *args), *args)
       rows.append(row)
       print(json.dumps(row), flush=True)
   out = Path(_OUT.value)

@@ -4,6 +4,8 @@ and over-smoothing diagnostics of Wang et al. 2025 on the trained models.
 
   python experiments/ssm_recall/run.py --workdir=runs/ssm_recall                     # CPU, ~45 min
   python experiments/ssm_recall/run.py --workdir=... --size=accelerator              # paper scale
+  python experiments/ssm_recall/run.py --workdir=... --dt_init=zero_bias --models=mamba,mamba_both
+      --results=experiments/ssm_recall/results/zero_bias                              # paper's init
 
 Each (model, depth) trains with jaxlab's Trainer in its own workdir (the study resumes
 where it stopped); results go to --results (JSON, plots, a markdown table).
@@ -11,7 +13,6 @@ where it stopped); results go to --results (JSON, plots, a markdown table).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import time
@@ -30,7 +31,7 @@ from flax import nnx  # noqa: E402
 
 from jaxlab.data.synthetic import MQAR  # noqa: E402
 from jaxlab.nn.diagnostics import influence_by_distance, oversmoothing  # noqa: E402
-from jaxlab.train import Trainer  # noqa: E402
+from jaxlab.train import Trainer, load_config_module  # noqa: E402
 from jaxlab.train.evaluate import sequence_metrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,12 +41,14 @@ LABELS = {"attention": "attention", "mamba": "Mamba", "mamba_both": "Mamba + pol
           "mamba_one": "Mamba + A=0 state only", "mamba_zero": "Mamba + A=-inf state only",
           "mamba2": "Mamba-2", "gla": "GLA"}
 # (sequence length, key-value pairs) of the test sets, per size.
-TESTS = {"cpu": ((64, 8), (128, 16), (256, 16), (256, 32), (256, 64)),
+TESTS = {"cpu": ((64, 8), (128, 16), (256, 16), (256, 24), (256, 30)),
          "accelerator": ((1024, 64), (1024, 128), (1024, 256))}
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/ssm_recall", "Where runs train and checkpoint.")
 _RESULTS = flags.DEFINE_string("results", str(HERE / "results"), "Where tables and plots go.")
 _SIZE = flags.DEFINE_enum("size", "cpu", ["cpu", "accelerator"], "Model and step budget.")
+_DT_INIT = flags.DEFINE_enum("dt_init", "mamba", ["mamba", "zero_bias"],
+                             "Step-size init: Mamba's, or SSM-Bottleneck's (dt bias zeroed, Δ = log 2).")
 _MODELS = flags.DEFINE_list("models", list(MODELS), "Models to compare.")
 _DEPTHS = flags.DEFINE_list("depths", ["2", "4"], "Numbers of layers.")
 _STEPS = flags.DEFINE_integer("steps", None, "Override the training steps (smoke tests).")
@@ -53,10 +56,7 @@ _EXAMPLES = flags.DEFINE_integer("examples", 256, "Test examples per setting.")
 
 
 def load_config(arg: str):
-  spec = importlib.util.spec_from_file_location("ssm_recall", REPO / "experiments" / "configs" / "ssm_recall.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return load_config_module(REPO / "experiments" / "configs" / "ssm_recall.py").get_config(arg)
 
 
 def test_set(config, seq_len: int, pairs: int, examples: int) -> MQAR:
@@ -76,7 +76,7 @@ def diagnose(model, config) -> dict:
 
 
 def run_one(name: str, depth: int, workdir: Path) -> dict:
-  config = load_config(f"{name},{depth},{_SIZE.value}")
+  config = load_config(f"{name},{depth},{_SIZE.value},{_DT_INIT.value}")
   if _STEPS.value:
     config.train.update(steps=_STEPS.value, eval_every=_STEPS.value, checkpoint_every=_STEPS.value)
     config.optim.warmup_steps = min(config.optim.warmup_steps, _STEPS.value // 2)
@@ -151,6 +151,18 @@ def table(results: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def diagnostics_table(results: list[dict], distances=(16, 64, 190)) -> str:
+  """Influence at each distance relative to distance 0, and cosine after each block."""
+  lines = ["| model | depth | " + " | ".join(f"influence {d} / 0" for d in distances) + " | cosine after each block |",
+           "|---|---|" + "---|" * (len(distances) + 1)]
+  for r in sorted(results, key=lambda r: (r["depth"], MODELS.index(r["model"]))):
+    recency = np.asarray(r["recency"])
+    cells = [f"{recency[d] / recency[0]:.1e}" for d in distances]
+    cosine = " / ".join(f"{c:.2f}" for c in r["oversmoothing"][1:])
+    lines.append(f"| {LABELS[r['model']]} | {r['depth']} | " + " | ".join(cells) + f" | {cosine} |")
+  return "\n".join(lines)
+
+
 def main(argv) -> None:
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)
@@ -163,7 +175,7 @@ def main(argv) -> None:
     for name in _MODELS.value:
       if (name, depth) in done:
         continue
-      result = run_one(name, depth, Path(_WORKDIR.value) / name / str(depth))
+      result = run_one(name, depth, Path(_WORKDIR.value) / _DT_INIT.value / name / str(depth))
       logging.getLogger("jaxlab").warning("%s", json.dumps({k: v for k, v in result.items()
                                                               if k not in ("recency", "oversmoothing")}))
       results.append(result)
@@ -171,7 +183,8 @@ def main(argv) -> None:
   plot_accuracy(results, results_dir / "accuracy.png")
   plot_diagnostics(results, results_dir / "diagnostics.png")
   minutes = sum(r["seconds"] for r in results) / 60
-  summary = f"recall accuracy (test length / key-value pairs), {minutes:.1f} min in all\n\n{table(results)}\n"
+  summary = (f"recall accuracy (test length / key-value pairs), {minutes:.1f} min in all\n\n{table(results)}\n\n"
+             f"recency and over-smoothing\n\n{diagnostics_table(results)}\n")
   (results_dir / "summary.md").write_text(summary)
   print(summary)
 

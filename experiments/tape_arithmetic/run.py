@@ -11,7 +11,6 @@ to --results (JSON, plots, a markdown table).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import time
@@ -29,7 +28,7 @@ from flax import nnx  # noqa: E402
 
 from jaxlab.data.synthetic import Addition, Passkey  # noqa: E402
 from jaxlab.nn import ModelConfig, Transformer  # noqa: E402
-from jaxlab.train import Trainer  # noqa: E402
+from jaxlab.train import Trainer, load_config_module  # noqa: E402
 from jaxlab.train.evaluate import sequence_metrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,10 +49,7 @@ _STEPS = flags.DEFINE_integer("steps", None, "Override the training steps (smoke
 
 
 def load_config(name: str, arg: str):
-  spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return load_config_module(REPO / "experiments" / "configs" / f"{name}.py").get_config(arg)
 
 
 def parameter_count(model_fields: dict) -> int:

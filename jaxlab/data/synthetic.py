@@ -16,7 +16,8 @@ class MQAR:
   replacement with ``p(g) ∝ a · g^(a-1)``, ``g = 1..space`` (a power law favouring
   short gaps). The target at a query's position is its value; only those positions
   carry weight. With ``random_non_queries`` the remaining slots hold random tokens,
-  else 0. Example ``i`` is a pure function of ``(seed, i)``.
+  else 0. Example ``i`` is a pure function of ``(seed, i)``. Unlike Zoology, the
+  vocabulary may be smaller than the sequence (small vocabularies learn fast on a CPU).
   """
 
   def __init__(
@@ -26,14 +27,13 @@ class MQAR:
     context = 2 * num_kv_pairs
     if seq_len % 2:
       raise ValueError(f"MQAR needs an even data.seq_len; got {seq_len}.")
-    if vocab_size <= seq_len:
-      raise ValueError(f"MQAR needs data.mqar.vocab_size > data.seq_len; got {vocab_size} <= {seq_len}.")
     if 2 * context > seq_len:
       raise ValueError(
           f"MQAR with {num_kv_pairs} pairs needs data.seq_len >= {2 * context}; got {seq_len}."
       )
     if num_kv_pairs > vocab_size // 2 - 1:
-      raise ValueError(f"MQAR: {num_kv_pairs} unique keys do not fit in vocab_size {vocab_size}.")
+      raise ValueError(f"MQAR with data.mqar.num_kv_pairs={num_kv_pairs} needs data.mqar.vocab_size >= "
+                       f"{2 * num_kv_pairs + 2} (unique keys from [1, vocab/2)); got {vocab_size}.")
     self.vocab_size, self.seq_len, self.num_kv_pairs = vocab_size, seq_len, num_kv_pairs
     self.num_examples, self.seed = num_examples, seed
     self.random_non_queries = random_non_queries

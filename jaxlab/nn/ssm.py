@@ -105,16 +105,16 @@ class Mamba(nnx.Module):
     return x, xz[..., 1, :], delta, B, C, prefix
 
   def ssm(self, x, z, delta, B, C, initial_state, implementation):
-    """The selective scan over the learned (and A = 0) states, plus the A = -inf state."""
+    """The selective scan over the learned (and A = 0) states, plus the A = -inf state;
+    Δ = softplus(delta + dt_bias) is computed once for both."""
     m = self.scan_states
+    dt = jax.nn.softplus(delta.astype(jnp.float32) + self.dt_bias[...][None, None])
     y, state = selective_scan(
-        x, delta, self.A(), B[..., :m], C[..., :m], D=self.D[...], z=None if self.zeros else z,
-        delta_bias=self.dt_bias[...], delta_softplus=True, initial_state=initial_state,
-        return_final_state=True, implementation=implementation,
+        x, dt, self.A(), B[..., :m], C[..., :m], D=self.D[...], z=None if self.zeros else z,
+        initial_state=initial_state, return_final_state=True, implementation=implementation,
         batch_axes=mesh_axes_of("batch"), channel_axes=mesh_axes_of("mlp"),
     )
     if self.zeros:
-      dt = jax.nn.softplus(delta.astype(jnp.float32) + self.dt_bias[...][None, None])
       current = (B[..., m] * C[..., m]).astype(jnp.float32)[..., None] * dt * x.astype(jnp.float32)
       y = ((y.astype(jnp.float32) + current) * jax.nn.silu(z.astype(jnp.float32))).astype(x.dtype)
     return y, state

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+from pathlib import Path
+from types import ModuleType
 
 import ml_collections
 
@@ -47,3 +50,15 @@ def base_config() -> ml_collections.ConfigDict:
   config.sharding = dict(strategy="fsdp")  # dp | fsdp | fsdp_tp
   config.distributed = dict(coordinator_address="", num_processes=1, process_id=0)
   return ml_collections.ConfigDict(config)
+
+
+def load_config_module(path: str | Path) -> ModuleType:
+  """The experiment config file at ``path`` (``experiments/configs/*.py``) as a module:
+  its ``get_config`` and whatever tables it defines."""
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"no experiment config at {path}")
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

@@ -137,7 +137,7 @@ def selective_scan(
 
   ``implementation``: ``"sequential"`` a ``lax.scan`` over time (the reference);
   ``"associative"`` one ``associative_scan`` over time; ``"xla"`` the chunked scan
-  (associative inside chunks, checkpointed per chunk); ``"pallas"`` the Mosaic kernel on
+  (the recurrence unrolled inside chunks, checkpointed per chunk); ``"pallas"`` the Mosaic kernel on
   TPU and the Pallas GPU kernel on GPU; ``"pallas_interpret"`` the same kernels in
   interpret mode (``interpret_backend``: `pallas_kernels.dispatch`); None chooses per
   platform at lowering time (TPU and GPU kernels, the chunked scan elsewhere).

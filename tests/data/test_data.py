@@ -170,8 +170,16 @@ class TestMQAR:
   def test_impossible_settings(self):
     with pytest.raises(ValueError, match="seq_len >= 64"):
       MQAR(vocab_size=128, seq_len=48, num_kv_pairs=16, num_examples=1, seed=0)
-    with pytest.raises(ValueError, match="vocab_size > data.seq_len"):
-      MQAR(vocab_size=32, seq_len=64, num_kv_pairs=4, num_examples=1, seed=0)
+    with pytest.raises(ValueError, match="num_kv_pairs=16 needs data.mqar.vocab_size >= 34"):
+      MQAR(vocab_size=32, seq_len=64, num_kv_pairs=16, num_examples=1, seed=0)
+
+  def test_vocabulary_smaller_than_the_sequence(self):
+    """Zoology asserts vocab > seq_len; nothing needs it: keys stay unique in a longer sequence."""
+    r = MQAR(vocab_size=64, seq_len=256, num_kv_pairs=30, num_examples=1, seed=3)[0]
+    keys = r["inputs"][:60:2]
+    assert len(set(keys.tolist())) == 30 and keys.min() >= 1 and keys.max() < 32
+    values = r["targets"][r["weights"] > 0]
+    assert sorted(values.tolist()) == sorted(r["inputs"][1:60:2].tolist())
 
 
 def _decode_number(tokens):
