@@ -42,8 +42,8 @@ DT_INITS = {"mamba": {}, "zero_bias": dict(ssm_dt_min=math.log(2), ssm_dt_max=ma
 
 def get_config(arg: str = "mamba,2"):
   model, depth, *rest = arg.split(",")
-  size, dt_init = (rest + ["cpu", "mamba"][len(rest):])[:2]
-  size = SIZES[size]
+  size = SIZES[rest[0] if rest else "cpu"]
+  dt_init = rest[1] if len(rest) > 1 else "mamba"
   config = base_config()
   config.model.update(ffns=("none",), num_layers=int(depth), ssm_chunk=64, **MODELS[model], **size["model"],
                       **DT_INITS[dt_init])
