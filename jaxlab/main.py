@@ -1,22 +1,30 @@
 """Train from a config: ``python -m jaxlab.main --config=FILE --workdir=DIR``.
 
-Overrides go on the command line (``--config.model.num_layers=8``). Multi-host runs
-pass ``--config.distributed.*`` (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
-JAX_PROCESS_ID); on TPU pods and SLURM, jax finds its peers by itself.
+Overrides go on the command line (``--config.model.num_layers=8``,
+``--config.model.head_dim=None``). Multi-host runs pass ``--config.distributed.*`` (or
+set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); on TPU pods and SLURM,
+jax finds its peers by itself.
+
+Exit status: 0 when the run reached ``train.steps``; `jaxlab.cli.EXIT_STOPPED` (75) when
+SIGTERM or SIGINT stopped it after a checkpoint (rerun the same command to resume);
+1 on an error, with its message (a non-finite loss, a bad config, a checkpoint of
+another model).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
+from jaxlab.cli import EXIT_STOPPED, define_config_flag
+
+_CONFIG = define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; a run resumes from it.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 
 
 def initialize_distributed(distributed) -> None:
@@ -42,6 +50,8 @@ def main(argv) -> None:
 
   summary = train_and_report(config, _WORKDIR.value)
   logging.getLogger("jaxlab").info("done: %s", summary)
+  if summary["preempted"]:
+    sys.exit(EXIT_STOPPED)
 
 
 if __name__ == "__main__":

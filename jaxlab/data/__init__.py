@@ -6,11 +6,10 @@ import dataclasses
 from typing import Any
 
 from jaxlab.data import corpora
+from jaxlab.data.config import SOURCES, check_data_config
 from jaxlab.data.pipeline import PackedWindows, eval_batches, split_stream, train_dataset
 from jaxlab.data.synthetic import MQAR, Addition, Passkey
 from jaxlab.data.tokenizers import ByteTokenizer, Tokenizer, make_tokenizer
-
-SOURCES = ("python_docs", "text", "tokens", "mqar", "addition", "passkey")
 
 
 @dataclasses.dataclass
@@ -71,5 +70,5 @@ def make_sources(data: Any, seed: int) -> DataSources:
 
 __all__ = [
     "Addition", "ByteTokenizer", "DataSources", "MQAR", "PackedWindows", "Passkey", "SOURCES", "Tokenizer",
-    "eval_batches", "make_sources", "make_tokenizer", "split_stream", "train_dataset",
+    "check_data_config", "eval_batches", "make_sources", "make_tokenizer", "split_stream", "train_dataset",
 ]

@@ -6,6 +6,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from jaxlab import checks
+
 REMAT_POLICIES = ("none", "full", "save_dots")
 NORMS = ("rmsnorm", "layernorm")
 MLP_ACTIVATIONS = ("swiglu", "gelu")
@@ -218,12 +220,8 @@ class ModelConfig:
 
 def _check_positive(config: ModelConfig, *names: str) -> None:
   for name in names:
-    value = getattr(config, name)
-    if not isinstance(value, int) or value <= 0:
-      raise ValueError(f"model.{name}={value!r} must be a positive integer.")
+    checks.positive_int(f"model.{name}", getattr(config, name))
 
 
 def _check_choice(config: ModelConfig, name: str, choices: tuple[str, ...]) -> None:
-  value = getattr(config, name)
-  if value not in choices:
-    raise ValueError(f"model.{name}={value!r} is not supported; use one of {choices}.")
+  checks.choice(f"model.{name}", getattr(config, name), choices)

@@ -4,18 +4,44 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import types
+import typing
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import ml_collections
+from ml_collections.config_dict import FieldReference
 
 from jaxlab.nn import ModelConfig
 
 
+def optional(default: Any, field_type: type) -> FieldReference:
+  """A field that may be None yet keeps its type, so the command line can set it to a
+  value (``--config.model.head_dim=64``) and back to None (``--config.model.head_dim=None``)."""
+  return FieldReference(default, field_type=field_type)
+
+
+def _model_fields() -> dict[str, Any]:
+  """ModelConfig's fields and defaults; ``X | None`` fields become typed optionals."""
+  hints = typing.get_type_hints(ModelConfig)
+  fields = {}
+  for field in dataclasses.fields(ModelConfig):
+    hint = hints[field.name]
+    if isinstance(hint, types.UnionType) and type(None) in hint.__args__:
+      (value_type,) = [t for t in hint.__args__ if t is not type(None)]
+      fields[field.name] = optional(field.default, value_type)
+    else:
+      fields[field.name] = field.default
+  return fields
+
+
 def base_config() -> ml_collections.ConfigDict:
+  """Every field of a run. Fields that may be None are typed (`optional`), so every
+  field can be overridden from the command line."""
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.model = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+  config.model = _model_fields()
 
   config.data = dict(
       source="python_docs",  # python_docs | text | tokens | mqar | addition | passkey
@@ -33,14 +59,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.optim = dict(
       learning_rate=1e-3, warmup_steps=50, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
       weight_decay=0.1, clip_norm=1.0,
-      trainable=None,  # regex over parameter paths ('tape' for TAPE-only fine-tuning); None: all
+      trainable=optional(None, str),  # regex over parameter paths ('tape' for TAPE-only fine-tuning); None: all
   )
   config.train = dict(
       steps=1000,
       grad_accum=1,
       compute_dtype="float32",  # or bfloat16 (parameters stay float32)
       eval_every=100,
-      eval_batches=16,  # None: the whole validation split
+      eval_batches=optional(16, int),  # None: the whole validation split
       checkpoint_every=100,
       keep_checkpoints=3,
       num_samples=4,  # continuations written to samples.txt at the end (text data)

@@ -27,6 +27,7 @@ from jaxlab.sharding import (
 )
 from jaxlab.train import report
 from jaxlab.train.checkpoint import Checkpointer, restore_target
+from jaxlab.train.config import check_run_config
 from jaxlab.train.flops import peak_flops, train_flops_per_token
 from jaxlab.train.metrics import MetricsWriter
 from jaxlab.train.optim import make_optimizer
@@ -34,13 +35,17 @@ from jaxlab.train.preemption import StopRequest
 from jaxlab.train.state import (
     TrainState, abstract_train_state, create_train_state, model_graphdef, state_shardings,
 )
-from jaxlab.train.step import COMPUTE_DTYPES, eval_step, train_step
+from jaxlab.train.step import eval_step, train_step
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The loss or the parameters stopped being finite; no checkpoint holds that state."""
+  """The loss, gradient or update stopped being finite; the step was not applied and no
+  checkpoint holds a non-finite state."""
+
+
+NONFINITE_CHECKS = (("train loss", "loss"), ("gradient norm", "grad_norm"), ("update norm", "update_norm"))
 
 
 @jax.jit
@@ -83,7 +88,7 @@ class _MetricsQueue:
   each fetched loss is checked before the record is written."""
 
   def __init__(self, writer: MetricsWriter, tokens_per_step: int, *, flops_per_step: float,
-               peak_flops: float, nonfinite: Callable[[int, float], Exception]):
+               peak_flops: float, nonfinite: Callable[[str, int], Exception]):
     self.writer, self.tokens_per_step = writer, tokens_per_step
     self.flops_per_step, self.peak_flops, self.nonfinite = flops_per_step, peak_flops, nonfinite
     self.pending: list[tuple[int, Any]] = []
@@ -101,11 +106,14 @@ class _MetricsQueue:
     seconds = (now - self.last_time) / len(self.pending)
     self.last_time = now
     for (step, _), metrics in zip(self.pending, values):
+      if not metrics["finite"]:
+        bad = [f"{name} is {float(metrics[key])}" for name, key in NONFINITE_CHECKS
+               if not np.isfinite(metrics[key])]
+        raise self.nonfinite(", ".join(bad), step)
       loss = float(metrics["loss"])
-      if not np.isfinite(loss):
-        raise self.nonfinite(step, loss)
       self.writer.write(step, {
           "train/loss": loss, "train/grad_norm": float(metrics["grad_norm"]),
+          "train/update_norm": float(metrics["update_norm"]),
           "train/learning_rate": float(metrics["learning_rate"]),
           "train/tokens_per_second": self.tokens_per_step / seconds,
           "train/mfu": self.flops_per_step / seconds / self.peak_flops,
@@ -124,18 +132,19 @@ class Trainer:
       self, config: ml_collections.ConfigDict, workdir: str | Path,
       devices: list[jax.Device] | None = None,
   ):
+    check_run_config(config)  # every check runs before anything is written to the workdir
     self.config = config
     self.workdir = Path(workdir)
     self.model_config = ModelConfig.from_dict(config.model)
     train = config.train
-    if train.compute_dtype not in COMPUTE_DTYPES:
-      raise ValueError(f"train.compute_dtype={train.compute_dtype!r}; use one of {sorted(COMPUTE_DTYPES)}.")
     self.sources = data_lib.make_sources(config.data, config.seed)
     if self.sources.vocab_size > self.model_config.vocab_size:
       raise ValueError(
           f"model.vocab_size={self.model_config.vocab_size} is smaller than the data's "
           f"{self.sources.vocab_size} token ids; set model.vocab_size >= {self.sources.vocab_size}."
       )
+    self.train_data = data_lib.train_dataset(self.sources.train, config.data.batch_size, config.seed)
+    data_lib.eval_batches(self.sources.validation, config.data.batch_size, train.eval_batches)  # size check
     self.mesh = make_mesh(dict(config.mesh), devices)
     self.rules = strategy_rules(config.sharding.strategy)
     check_mesh_use(self.mesh, self.rules, config.sharding.strategy)
@@ -166,12 +175,15 @@ class Trainer:
       return create_train_state(self.model_config, self.tx, self.config.seed, self.shardings)
 
   def restore_or_init(self, data_iterator) -> TrainState:
-    step = self.checkpointer.latest_step()
+    """The newest intact checkpoint's state (and data position), else a fresh state."""
+    if self.checkpointer.latest_step() is None:
+      return self.init_state()
+    target = restore_target(self.abstract, self.shardings)
+    step, state = self.checkpointer.restore_newest_intact(target, data_iterator)
     if step is None:
       return self.init_state()
     log.info("resuming from %s step %d", self.checkpointer.directory, step)
-    target = restore_target(self.abstract, self.shardings)
-    return self.checkpointer.restore(step, target, data_iterator)
+    return state
 
   def evaluate(self, state: TrainState) -> dict[str, float]:
     batches = data_lib.eval_batches(
@@ -194,18 +206,23 @@ class Trainer:
     }
 
   def _stop_error(self, what: str, step: int) -> NonFiniteLossError:
+    latest = self.checkpointer.latest_step()
+    if latest is None:
+      kept = "No checkpoint was written before it, so a rerun starts from scratch."
+    else:
+      kept = (f"The newest checkpoint, step {latest} (written from a finite state), is kept in "
+              f"{self.checkpointer.directory}; a rerun resumes from it.")
     return NonFiniteLossError(
-        f"{what} at step {step}; the run stops here without saving that state. The last good "
-        f"checkpoint (step {self.checkpointer.latest_step()}) is kept in "
-        f"{self.checkpointer.directory}. Lower optim.learning_rate or optim.clip_norm, or "
-        "check the data, then rerun to resume from it."
+        f"{what} at step {step}; that step's update was not applied and the run stops without "
+        f"saving. {kept} Lower optim.learning_rate or optim.clip_norm, or check the data, "
+        "before rerunning."
     )
 
   def run(self) -> dict[str, Any]:
     """Trains from the latest checkpoint (or from scratch) to ``train.steps``."""
     config, train = self.config, self.config.train
     self.workdir.mkdir(parents=True, exist_ok=True)
-    data_iterator = iter(data_lib.train_dataset(self.sources.train, config.data.batch_size, config.seed))
+    data_iterator = iter(self.train_data)
     state = self.restore_or_init(data_iterator)
     start = int(_fetch(state.step))
     if jax.process_index() == 0:
@@ -217,7 +234,7 @@ class Trainer:
         flops_per_step=tokens_per_step * train_flops_per_token(
             self.abstract.params, self.model_config, config.data.seq_len),
         peak_flops=peak_flops(list(self.mesh.devices.flat)),
-        nonfinite=lambda step, loss: self._stop_error(f"train loss is {loss}", step),
+        nonfinite=self._stop_error,
     )
     summary: dict[str, Any] = {"start_step": start, "preempted": False}
     bar = tqdm(total=train.steps, initial=start, desc="train", disable=jax.process_index() != 0,
@@ -232,9 +249,9 @@ class Trainer:
           bar.update(1)
           last, stopping = step == train.steps, stop.requested()
           if step % train.checkpoint_every == 0 or last or stopping:
-            queue.flush(bar)  # never checkpoint a state whose loss was not checked
-            if not bool(_fetch(_all_finite(state.params))):
-              raise self._stop_error("parameters are not finite", step)
+            queue.flush(bar)  # never checkpoint a state whose step was not checked
+            if not bool(_fetch(_all_finite((state.params, state.opt_state)))):
+              raise self._stop_error("the parameters or optimizer state are not finite", step)
             self.checkpointer.save(step, state, data_iterator)
           if step % train.eval_every == 0 or last:
             queue.flush(bar)
@@ -255,16 +272,20 @@ class Trainer:
     self.state = state
     return summary
 
-  def write_report(self, num_samples: int, sample_tokens: int) -> None:
-    """Loss plot and, for text data, sample continuations of validation prompts."""
-    entropy = None
-    if self.sources.tokenizer is not None:
-      entropy = report.unigram_entropy(self.sources.train.tokens)
+  def write_report(self, summary: dict[str, Any]) -> None:
+    """``summary.json`` (the run's summary, see `train_and_report`); after a finished run
+    also the loss plot and, for text data, sample continuations of validation prompts."""
+    if not summary["preempted"] and self.sources.tokenizer is not None:
+      summary["unigram_entropy"] = report.unigram_entropy(self.sources.train.tokens)
     if jax.process_index() == 0:
-      report.plot_losses(self.workdir / "metrics.jsonl", self.workdir / "loss.png", entropy)
-      (self.workdir / "summary.json").write_text(json.dumps({"unigram_entropy": entropy}, indent=2))
-    if num_samples and self.sources.tokenizer is not None:
-      self.write_samples(num_samples, sample_tokens)
+      (self.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if summary["preempted"]:
+      return
+    if jax.process_index() == 0:
+      report.plot_losses(self.workdir / "metrics.jsonl", self.workdir / "loss.png",
+                         summary.get("unigram_entropy"))
+    if self.config.train.num_samples and self.sources.tokenizer is not None:
+      self.write_samples(self.config.train.num_samples, self.config.train.sample_tokens)
 
   def write_samples(self, num_samples: int, sample_tokens: int) -> None:
     """Continues the openings of validation documents (temperature 0.8, top-k 40),
@@ -287,8 +308,11 @@ class Trainer:
 
 
 def train_and_report(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+  """Trains, then writes the report. The summary (also ``summary.json``) holds
+  ``start_step``, ``final_step``, ``preempted`` (a signal stopped the run after a
+  checkpoint), ``last_train_loss``, the last eval metrics and, for text data after a
+  finished run, ``unigram_entropy`` (nats per token of the best context-free model)."""
   trainer = Trainer(config, workdir)
   summary = trainer.run()
-  if not summary["preempted"]:
-    trainer.write_report(config.train.num_samples, config.train.sample_tokens)
+  trainer.write_report(summary)
   return summary

@@ -51,7 +51,9 @@ def train_step(
   """One optimizer step over the global batch, split into ``grad_accum`` micro-batches.
 
   The loss is the weighted token mean over the whole batch, so accumulating
-  micro-batches gives the same update as one large batch.
+  micro-batches gives the same update as one large batch. A step whose loss, gradient
+  norm or update norm is not finite changes nothing: it returns ``state`` as it was,
+  with ``metrics["finite"]`` false, so a damaged update never reaches the parameters.
   """
   dtype = COMPUTE_DTYPES[compute_dtype]
 
@@ -82,10 +84,14 @@ def train_step(
   metrics = {
       "loss": total / weight,
       "grad_norm": optax.tree.norm(grads),
+      "update_norm": optax.tree.norm(updates),
       "learning_rate": schedule(state.step),
   }
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & jnp.isfinite(
+      metrics["update_norm"])
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
-  return new_state, metrics
+  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  return new_state, {**metrics, "finite": finite}
 
 
 def forward_with_sinks(model: nnx.Module, inputs: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:

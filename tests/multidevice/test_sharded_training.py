@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxlab.sharding import logical_to_spec, strategy_rules
 from jaxlab.train import Trainer
+from jaxlab.train.checkpoint import state_fingerprint
 from jaxlab.train.metrics import read_metrics
 
 MESHES = {
@@ -83,6 +84,14 @@ def test_checkpoint_from_8_devices_resumes_on_4_with_another_strategy(tiny_confi
   assert summary["start_step"] == 3 and summary["final_step"] == 5
   assert resumed.state.params["embed"]["table"][...].sharding.spec == P(None, "fsdp")
   np.testing.assert_allclose(train_losses(tmp_path / "b")[3:], train_losses(tmp_path / "a")[3:], rtol=1e-5)
+
+
+def test_checkpoint_fingerprint_is_the_same_on_every_sharding():
+  x = jax.random.normal(jax.random.key(0), (16, 24), jax.numpy.bfloat16)
+  mesh = jax.make_mesh((2, 4), ("a", "b"))
+  single = state_fingerprint({"x": jax.device_put(x, jax.devices()[0])})
+  for spec in (P("a", "b"), P("b", None), P(None, ("a", "b")), P()):
+    assert state_fingerprint({"x": jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))}) == single, spec
 
 
 @pytest.mark.parametrize(

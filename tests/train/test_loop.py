@@ -1,5 +1,7 @@
 """The whole run: artifacts, exact resume after SIGTERM, NaN stops, checkpoint checks."""
 
+import json
+import re
 import signal
 import subprocess
 import sys
@@ -12,8 +14,11 @@ import numpy as np
 import pytest
 
 from jaxlab import data as data_lib
+from jaxlab.cli import EXIT_STOPPED
 from jaxlab.train import NonFiniteLossError, Trainer, report, train_and_report
-from jaxlab.train.checkpoint import CheckpointMismatchError, restore_target
+from jaxlab.train import loop as loop_lib
+from jaxlab.train.checkpoint import CheckpointMismatchError, CorruptCheckpointError, restore_target
+from jaxlab.train.optim import make_optimizer
 from jaxlab.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,7 +87,8 @@ def test_sigterm_checkpoints_and_resume_is_exact(tiny_config, tmp_path):
     time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)
   output, _ = proc.communicate(timeout=300)
-  assert proc.returncode == 0, output
+  assert proc.returncode == EXIT_STOPPED == 75, output  # schedulers tell a stopped run from a finished one
+  assert json.loads((interrupted / "summary.json").read_text())["preempted"] is True
   stopped_at = max(losses(interrupted))
   assert 10 <= stopped_at < 300, "the run was not interrupted"
   checkpoints = [int(p.name) for p in (interrupted / "checkpoints").iterdir() if p.name.isdigit()]
@@ -90,6 +96,7 @@ def test_sigterm_checkpoints_and_resume_is_exact(tiny_config, tmp_path):
 
   resumed = subprocess.run(_main(interrupted, *overrides), cwd=REPO, capture_output=True, text=True)
   assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+  assert json.loads((interrupted / "summary.json").read_text())["preempted"] is False
   uninterrupted = tmp_path / "uninterrupted"
   full = subprocess.run(_main(uninterrupted, *overrides), cwd=REPO, capture_output=True, text=True)
   assert full.returncode == 0, full.stderr
@@ -100,41 +107,63 @@ def test_sigterm_checkpoints_and_resume_is_exact(tiny_config, tmp_path):
                              rtol=1e-6)
 
 
-def _poison_batch(monkeypatch, at_batch):
-  """Batches from ``at_batch`` on carry NaN weights, as corrupt data would."""
-  original = data_lib.train_dataset
+def _poison_batch(monkeypatch, at_batch, weight=np.nan):
+  """Batches from ``at_batch`` on carry weights ``weight``: NaN, as corrupt data would."""
 
   def poisoned(source, global_batch, seed, process=None):
     def poison(index, batch):
       if index >= at_batch:
-        batch = {**batch, "weights": np.full_like(batch["weights"], np.nan)}
+        batch = {**batch, "weights": np.full_like(batch["weights"], weight)}
       return batch
 
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None).batch(global_batch)
     return ds.map_with_index(poison).to_iter_dataset()
 
-  assert original is not None
   monkeypatch.setattr(data_lib, "train_dataset", poisoned)
+
+
+def _finite_restore(tiny_config, workdir):
+  trainer = Trainer(tiny_config, workdir)
+  state = trainer.restore_or_init(iter(trainer.train_data))
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves((state.params, state.opt_state)))
+  return int(state.step)
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path, monkeypatch):
   _poison_batch(monkeypatch, at_batch=4)  # step 5 sees NaN
   tiny_config.train.update(steps=8, checkpoint_every=2, eval_every=100)
   trainer = Trainer(tiny_config, tmp_path)
-  with pytest.raises(NonFiniteLossError, match="at step 5"):
+  with pytest.raises(NonFiniteLossError, match=r"^train loss is nan, .* at step 5.*newest checkpoint, step 4 "):
     trainer.run()
   assert trainer.checkpointer.latest_step() == 4
-  restored = Trainer(tiny_config, tmp_path).restore_or_init(iter(data_lib.train_dataset(
-      trainer.sources.train, 8, 0)))
-  assert int(restored.step) == 4
-  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
+  assert _finite_restore(tiny_config, tmp_path) == 4
 
 
-def test_nonfinite_parameters_are_never_checkpointed(tiny_config, tmp_path):
-  tiny_config.optim.learning_rate = float("nan")
+def test_a_nan_gradient_under_a_finite_loss_stops_before_the_update(
+    tiny_config, tmp_path, monkeypatch, nan_gradient_on_doubled_weights):
+  """Step 5's loss is finite but its gradient NaN; the step after it is where the loss
+  would turn NaN. The run stops at 5, and no checkpoint (not even step 6's) is written."""
+  _poison_batch(monkeypatch, at_batch=4, weight=2.0)
+  tiny_config.train.update(steps=8, checkpoint_every=1, eval_every=100)
+  trainer = Trainer(tiny_config, tmp_path)
+  with pytest.raises(NonFiniteLossError, match=r"^gradient norm is nan, update norm is nan at step 5"):
+    trainer.run()
+  assert trainer.checkpointer.all_steps() == [2, 3, 4] and _finite_restore(tiny_config, tmp_path) == 4
+
+
+def test_a_nan_update_stops_the_run_and_says_no_checkpoint_exists(tiny_config, tmp_path, monkeypatch):
+  """A NaN learning rate (past the config checks) makes finite gradients give NaN updates."""
+  def nan_learning_rate(optim, steps):
+    optim = optim.copy_and_resolve_references()
+    optim.learning_rate = float("nan")
+    return make_optimizer(optim, steps)
+
+  monkeypatch.setattr(loop_lib, "make_optimizer", nan_learning_rate)
   tiny_config.train.update(steps=4, checkpoint_every=1)
   trainer = Trainer(tiny_config, tmp_path)
-  with pytest.raises(NonFiniteLossError, match="parameters are not finite at step 1"):
+  with pytest.raises(NonFiniteLossError,
+                     match="update norm is nan at step 1.*No checkpoint was written before it, so a rerun "
+                           "starts from scratch"):
     trainer.run()
   assert trainer.checkpointer.latest_step() is None
 
@@ -148,23 +177,64 @@ def test_checkpoint_of_another_model_is_refused_by_name(tiny_config, tmp_path):
     Trainer(tiny_config, tmp_path).run()
 
 
-def test_corrupt_checkpoint_is_an_error_not_a_fresh_start(tiny_config, tmp_path):
+def _checkpoint_dirs(workdir, name="checkpoints"):
+  return sorted(p.name for p in (workdir / name).iterdir() if p.name[0].isdigit())
+
+
+def test_unreadable_checkpoint_is_refused_and_kept(tiny_config, tmp_path):
   tiny_config.train.update(steps=3, checkpoint_every=3, num_samples=0)
   Trainer(tiny_config, tmp_path).run()
-  state_dir = tmp_path / "checkpoints" / "3" / "state"
-  for path in state_dir.rglob("*"):
+  for path in (tmp_path / "checkpoints" / "3" / "state").rglob("*"):
     if path.is_file():
       path.write_bytes(b"garbage")
   tiny_config.train.steps = 4
-  with pytest.raises((CheckpointMismatchError, RuntimeError), match="checkpoints/3"):
+  with pytest.raises(CorruptCheckpointError, match=r"no intact checkpoint is left(.|\n)*checkpoints/3 has no readable"):
     Trainer(tiny_config, tmp_path).run()
+  assert _checkpoint_dirs(tmp_path) == [] and _checkpoint_dirs(tmp_path, "refused_checkpoints") == ["3"]
 
 
-def test_restore_target_carries_the_new_shardings(tiny_config, tmp_path):
-  trainer = Trainer(tiny_config, tmp_path)
-  target = restore_target(trainer.abstract, trainer.shardings)
-  leaves = jax.tree.leaves(target)
-  assert all(isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None for x in leaves)
+def test_checkpoint_corrupted_in_place_falls_back_to_the_newest_intact_one(tiny_config, tmp_path, caplog):
+  """4 KB overwritten inside the latest step's array data, same size: refused by name
+  (tensorstore may fail to decode the bytes, or decode them to other values, which the
+  fingerprint catches), moved aside, and the rerun resumes from the step before with the
+  losses it had."""
+  tiny_config.train.update(steps=8, checkpoint_every=2, eval_every=100, num_samples=0)
+  Trainer(tiny_config, tmp_path).run()
+  uninterrupted = losses(tmp_path)
+  data_files = [p for p in (tmp_path / "checkpoints" / "8" / "state").rglob("*") if p.is_file()]
+  largest = max(data_files, key=lambda p: p.stat().st_size)
+  size = largest.stat().st_size
+  assert size > 8192, size
+  with largest.open("r+b") as f:
+    f.seek(size // 2 - 2048)
+    f.write(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+  assert largest.stat().st_size == size
+
+  with caplog.at_level("WARNING"):
+    summary = Trainer(tiny_config, tmp_path).run()
+  assert re.search(r"checkpoints/8 (is corrupt|could not be read)", caplog.text)
+  assert "refused_checkpoints/8; trying the next older checkpoint" in caplog.text
+  assert summary["start_step"] == 6 and summary["final_step"] == 8
+  assert _checkpoint_dirs(tmp_path, "refused_checkpoints") == ["8"] and _checkpoint_dirs(tmp_path)[-1] == "8"
+  resumed = losses(tmp_path)
+  np.testing.assert_allclose([resumed[s] for s in range(1, 9)], [uninterrupted[s] for s in range(1, 9)],
+                             rtol=1e-6)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("data.seq_len", 0), ("data.seq_len", -5), ("data.batch_size", 0), ("data.val_fraction", 1.0),
+    ("data.source", "nope"), ("train.steps", 0), ("train.grad_accum", 0), ("train.eval_every", 0),
+    ("train.eval_batches", 0), ("train.checkpoint_every", -1), ("train.keep_checkpoints", 0),
+    ("train.num_samples", -1), ("train.sample_tokens", 0), ("train.compute_dtype", "fp16"),
+    ("optim.learning_rate", float("nan")), ("optim.clip_norm", 0.0), ("optim.b2", 1.0),
+])
+def test_bad_config_is_refused_by_name_before_anything_is_written(tiny_config, tmp_path, field, value):
+  section, name = field.split(".")
+  tiny_config[section][name] = value
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match=re.escape(f"{field}={value!r} ")):
+    Trainer(tiny_config, workdir)
+  assert not workdir.exists()
 
 
 def test_vocab_smaller_than_the_data_is_an_error(tiny_config, tmp_path):

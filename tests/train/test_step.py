@@ -74,3 +74,19 @@ def test_rng_advances_every_step():
   state0, _, _ = run(1)
   state1, _, _ = run(2)
   assert not np.array_equal(state0.rng, state1.rng)
+
+
+def test_a_step_with_a_nan_gradient_changes_nothing(nan_gradient_on_doubled_weights):
+  """The loss is finite, the gradient NaN: the step reports it and returns the state as it was."""
+  tx, schedule = make_optimizer(OPTIM, total_steps=10)
+  state = init_train_state(MODEL, tx, seed=0)
+  step = jax.jit(functools.partial(train_step, graphdef=model_graphdef(MODEL), tx=tx, schedule=schedule,
+                                   grad_accum=2, compute_dtype="float32"))
+  state, metrics = step(state, batch(0))
+  assert bool(metrics["finite"]) and int(state.step) == 1
+  poisoned = batch(1)
+  poisoned["weights"] = poisoned["weights"] * 2
+  after, metrics = step(state, poisoned)
+  assert np.isfinite(float(metrics["loss"])) and np.isnan(float(metrics["grad_norm"]))
+  assert not bool(metrics["finite"])
+  chex.assert_trees_all_equal(after, state)
