@@ -71,6 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
       keep_checkpoints=3,
       num_samples=4,  # continuations written to samples.txt at the end (text data)
       sample_tokens=200,  # at most: prompt and continuation stay within data.seq_len
+      compiled_train_step=optional(None, str),  # train_step.xla from `python -m jaxlab.compile`
   )
   config.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1)
   config.sharding = dict(strategy="fsdp")  # dp | fsdp | fsdp_tp

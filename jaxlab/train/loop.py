@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
@@ -20,22 +19,15 @@ from jax.sharding import NamedSharding
 from tqdm import tqdm
 
 from jaxlab import data as data_lib
-from jaxlab.nn import ModelConfig, generate
-from jaxlab.sharding import (
-    check_batch, check_divisible, check_mesh_use, logical_to_spec, make_mesh, strategy_rules,
-    use_mesh,
-)
+from jaxlab.nn import generate
+from jaxlab.sharding import use_mesh
 from jaxlab.train import report
+from jaxlab.train.build import build_run
 from jaxlab.train.checkpoint import Checkpointer, restore_target
-from jaxlab.train.config import check_run_config
 from jaxlab.train.flops import peak_flops, train_flops_per_token
 from jaxlab.train.metrics import MetricsWriter
-from jaxlab.train.optim import make_optimizer
 from jaxlab.train.preemption import StopRequest
-from jaxlab.train.state import (
-    TrainState, abstract_train_state, create_train_state, model_graphdef, state_shardings,
-)
-from jaxlab.train.step import eval_step, train_step
+from jaxlab.train.state import TrainState, create_train_state
 
 log = logging.getLogger(__name__)
 
@@ -51,25 +43,6 @@ NONFINITE_CHECKS = (("train loss", "loss"), ("gradient norm", "grad_norm"), ("up
 @jax.jit
 def _all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
-def model_config_fields(config: ModelConfig) -> dict[str, list[tuple[str, int]]]:
-  """Which config fields set each logical dimension, for sharding errors."""
-  mixers = set(config.mixers)
-  fields = {
-      "heads": [("model.num_heads", config.num_heads)],
-      "kv_heads": [("model.num_kv_heads", config.kv_heads)],
-      "mlp": [("model.mlp_dim", config.mlp_dim)],
-      "vocab": [("model.vocab_size", config.vocab_size)],
-      "embed": [("model.d_model", config.d_model)],
-  }
-  if mixers & {"mamba", "mamba2"}:
-    fields["mlp"].append(("model.ssm_expand x model.d_model", config.ssm_inner))
-  if "mamba2" in mixers:
-    fields["heads"].append(("model.ssm_expand x model.d_model / model.ssm_head_dim", config.ssm_heads))
-  if "gla" in mixers:
-    fields["heads"].append(("model.gla_heads", config.gla_num_heads))
-  return fields
 
 
 def _global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
@@ -132,11 +105,12 @@ class Trainer:
       self, config: ml_collections.ConfigDict, workdir: str | Path,
       devices: list[jax.Device] | None = None,
   ):
-    check_run_config(config)  # every check runs before anything is written to the workdir
-    self.config = config
+    setup = build_run(config, devices)  # every config check runs before anything is written
+    self.config, self.setup = config, setup
     self.workdir = Path(workdir)
-    self.model_config = ModelConfig.from_dict(config.model)
-    train = config.train
+    self.model_config, self.mesh, self.rules = setup.model_config, setup.mesh, setup.rules
+    self.abstract, self.shardings, self.graphdef = setup.abstract, setup.shardings, setup.graphdef
+    self.batch_sharding, self.train_step, self.eval_step = setup.batch_sharding, setup.train_step, setup.eval_step
     self.sources = data_lib.make_sources(config.data, config.seed)
     if self.sources.vocab_size > self.model_config.vocab_size:
       raise ValueError(
@@ -144,35 +118,12 @@ class Trainer:
           f"{self.sources.vocab_size} token ids; set model.vocab_size >= {self.sources.vocab_size}."
       )
     self.train_data = data_lib.train_dataset(self.sources.train, config.data.batch_size, config.seed)
-    data_lib.eval_batches(self.sources.validation, config.data.batch_size, train.eval_batches)  # size check
-    self.mesh = make_mesh(dict(config.mesh), devices)
-    self.rules = strategy_rules(config.sharding.strategy)
-    check_mesh_use(self.mesh, self.rules, config.sharding.strategy)
-    check_batch(config.data.batch_size, train.grad_accum, self.mesh, self.rules)
-    self.tx, self.schedule = make_optimizer(config.optim, train.steps)
-    self.abstract = abstract_train_state(self.model_config, self.tx, config.seed)
-    check_divisible(self.abstract, self.mesh, self.rules, model_config_fields(self.model_config))
-    self.graphdef = model_graphdef(self.model_config)
-    self.shardings = state_shardings(self.abstract, self.mesh, self.rules)
-    self.batch_sharding = NamedSharding(self.mesh, logical_to_spec(("batch", "length"), self.rules))
-    self.train_step = jax.jit(
-        functools.partial(
-            train_step, graphdef=self.graphdef, tx=self.tx, schedule=self.schedule,
-            grad_accum=train.grad_accum, compute_dtype=train.compute_dtype,
-        ),
-        in_shardings=(self.shardings, self.batch_sharding),
-        out_shardings=(self.shardings, NamedSharding(self.mesh, jax.sharding.PartitionSpec())),
-        donate_argnums=0,
-    )
-    self.eval_step = jax.jit(
-        functools.partial(eval_step, graphdef=self.graphdef, compute_dtype=train.compute_dtype),
-        in_shardings=(self.shardings, self.batch_sharding),
-    )
-    self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=train.keep_checkpoints)
+    data_lib.eval_batches(self.sources.validation, config.data.batch_size, config.train.eval_batches)
+    self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=config.train.keep_checkpoints)
 
   def init_state(self) -> TrainState:
     with use_mesh(self.mesh, self.rules):
-      return create_train_state(self.model_config, self.tx, self.config.seed, self.shardings)
+      return create_train_state(self.model_config, self.setup.tx, self.config.seed, self.shardings)
 
   def restore_or_init(self, data_iterator) -> TrainState:
     """The newest intact checkpoint's state (and data position), else a fresh state."""

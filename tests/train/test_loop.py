@@ -16,7 +16,7 @@ import pytest
 from jaxlab import data as data_lib
 from jaxlab.cli import EXIT_STOPPED
 from jaxlab.train import NonFiniteLossError, Trainer, report, train_and_report
-from jaxlab.train import loop as loop_lib
+from jaxlab.train import build as build_lib
 from jaxlab.train.checkpoint import CheckpointMismatchError, CorruptCheckpointError, restore_target
 from jaxlab.train.optim import make_optimizer
 from jaxlab.train.metrics import read_metrics
@@ -158,7 +158,7 @@ def test_a_nan_update_stops_the_run_and_says_no_checkpoint_exists(tiny_config, t
     optim.learning_rate = float("nan")
     return make_optimizer(optim, steps)
 
-  monkeypatch.setattr(loop_lib, "make_optimizer", nan_learning_rate)
+  monkeypatch.setattr(build_lib, "make_optimizer", nan_learning_rate)
   tiny_config.train.update(steps=4, checkpoint_every=1)
   trainer = Trainer(tiny_config, tmp_path)
   with pytest.raises(NonFiniteLossError,
@@ -235,6 +235,13 @@ def test_bad_config_is_refused_by_name_before_anything_is_written(tiny_config, t
   with pytest.raises(ValueError, match=re.escape(f"{field}={value!r} ")):
     Trainer(tiny_config, workdir)
   assert not workdir.exists()
+
+
+def test_restore_target_carries_the_new_shardings(tiny_config, tmp_path):
+  trainer = Trainer(tiny_config, tmp_path)
+  target = restore_target(trainer.abstract, trainer.shardings)
+  leaves = jax.tree.leaves(target)
+  assert all(isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None for x in leaves)
 
 
 def test_vocab_smaller_than_the_data_is_an_error(tiny_config, tmp_path):
