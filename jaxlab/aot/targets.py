@@ -104,7 +104,8 @@ def _tpu(name: str, num_slices: int) -> Target:
                                f"{sorted(2 * c if megacore else c for c in grids)}; known: {known_targets()}.")
     topology = f"{libtpu_name}:{'x'.join(map(str, grids[chips]))}"
   devices = _tpu_devices(topology, megacore, chips, num_slices)
-  return Target(name=name, platform="tpu", devices=devices, memory_per_device=memory)
+  label = name if num_slices == 1 else f"{num_slices} x {name}"
+  return Target(name=label, platform="tpu", devices=devices, memory_per_device=memory)
 
 
 def gpu_target_config(gpu: str) -> str:

@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import jax
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 from jaxlab.sharding.rules import MESH_AXES
@@ -43,9 +44,23 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds the mesh with Auto axis types (GSPMD propagation) over ``devices``."""
+  """Builds the mesh with Auto axis types (GSPMD propagation) over ``devices``. Devices
+  of several TPU slices get a hybrid mesh whose ``data`` axis spans the slices (over
+  the data-center network, as MaxText's DCN data parallelism) and whose other axes stay
+  inside a slice."""
   devices = jax.devices() if devices is None else list(devices)
   shape = mesh_shape(sizes, len(devices))
-  return jax.make_mesh(
-      shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
-  )
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices == 1:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  data = MESH_AXES.index("data")
+  if shape[data] % slices:
+    raise ValueError(
+        f"mesh.data={shape[data]} must be a multiple of the {slices} slices: the data axis spans "
+        "the slices and every other axis stays inside one; set mesh.data to a multiple of "
+        f"{slices} (or -1)."
+    )
+  within = [n // slices if i == data else n for i, n in enumerate(shape)]
+  across = [slices if i == data else 1 for i in range(len(shape))]
+  return Mesh(mesh_utils.create_hybrid_device_mesh(within, across, devices), MESH_AXES, axis_types=axis_types)

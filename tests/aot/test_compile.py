@@ -46,6 +46,22 @@ def test_an_unknown_target_lists_the_known_ones():
     get_target("tpu9")
 
 
+@pytest.mark.slow
+def test_multi_slice_data_parallelism_spans_the_slices(experiment_config):
+  target = get_target("v5e-8", num_slices=2)
+  assert target.name == "2 x v5e-8" and len(target.devices) == 16
+  config = experiment_config("lm_small")
+  config.mesh = dict(data=2, fsdp=8, tensor=1, expert=1)
+  setup = build_run(config, target.devices)
+  slices = np.vectorize(lambda d: d.slice_index)(setup.mesh.devices)
+  assert (slices[0] == 0).all() and (slices[1] == 1).all()  # data axis = the slice; the rest inside one
+  _, report = compile_run(setup, target)
+  assert {"flash_attention_fwd", "flash_attention_dq"} <= _kernel_names(report["steps"]["train_step"])
+  config.mesh = dict(data=1, fsdp=16, tensor=1, expert=1)
+  with pytest.raises(ValueError, match="mesh.data=1 must be a multiple of the 2 slices"):
+    build_run(config, target.devices)
+
+
 def _kernel_names(step):
   return {name.split(".")[0] for name in step["pallas_kernels"]}
 
