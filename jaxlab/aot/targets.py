@@ -113,9 +113,7 @@ def gpu_target_config(gpu: str) -> str:
   return (GPU_SPECS / GPUS[gpu]).read_text()
 
 
-def _gpu(name: str, num_slices: int) -> Target:
-  match = re.fullmatch(r"([a-z0-9]+?)(?:x(\d+))?", name)
-  gpu, count = match.group(1), int(match.group(2) or 1)
+def _gpu(name: str, gpu: str, count: int, num_slices: int) -> Target:
   if num_slices != 1:
     raise ValueError(f"--num_slices={num_slices}: multi-slice is for TPU targets; a GPU target "
                      "names its devices on one host (h100x8).")
@@ -135,7 +133,7 @@ def _gpu(name: str, num_slices: int) -> Target:
 def get_target(name: str, num_slices: int = 1) -> Target:
   """The abstract devices of a target named as in `known_targets`."""
   name = name.strip().lower()
-  gpu = re.fullmatch(r"([a-z0-9]+?)(?:x\d+)?", name)
+  gpu = re.fullmatch(r"([a-z0-9]+?)(?:x(\d+))?", name)
   if gpu and gpu.group(1) in GPUS:
-    return _gpu(name, num_slices)
+    return _gpu(name, gpu.group(1), int(gpu.group(2) or 1), num_slices)
   return _tpu(name, num_slices)

@@ -118,6 +118,7 @@ class Trainer:
           f"{self.sources.vocab_size} token ids; set model.vocab_size >= {self.sources.vocab_size}."
       )
     self.train_data = data_lib.train_dataset(self.sources.train, config.data.batch_size, config.seed)
+    # Raises now, before the checkpoint directory exists, if the validation split is too small.
     data_lib.eval_batches(self.sources.validation, config.data.batch_size, config.train.eval_batches)
     self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=config.train.keep_checkpoints)
 
@@ -127,8 +128,6 @@ class Trainer:
 
   def restore_or_init(self, data_iterator) -> TrainState:
     """The newest intact checkpoint's state (and data position), else a fresh state."""
-    if self.checkpointer.latest_step() is None:
-      return self.init_state()
     target = restore_target(self.abstract, self.shardings)
     step, state = self.checkpointer.restore_newest_intact(target, data_iterator)
     if step is None:
