@@ -18,6 +18,10 @@ ATTENTION_GATES = (None, "elementwise", "headwise")
 SSM_IMPLS = ("auto", "sequential", "associative", "xla", "pallas", "pallas_interpret")
 POLARIZATIONS = (None, "both", "one", "zero")
 S4D_INITS = ("lin", "inv", "real")
+MOE_ROUTERS = ("topk", "sigmoid", "expert_choice")
+MOE_GATE_ORDERS = ("softmax_topk", "topk_softmax")
+MOE_DISPATCHES = ("dropless", "capacity")
+MOE_GMM_IMPLS = ("auto", "xla", "ragged_dot", "pallas", "pallas_interpret", "reference")
 DEFAULT_STATE = {"mamba": 16, "mamba2": 128, "s4d": 64}  # the source papers' defaults
 
 
@@ -69,6 +73,22 @@ class ModelConfig:
   mlp_dim: int = 1024
   mlp_activation: str = "swiglu"
   mlp_bias: bool = False
+  # mixture of experts (ffns "moe"; jaxlab/nn/moe.py)
+  moe_num_experts: int = 8
+  moe_top_k: int = 2
+  moe_expert_dim: int | None = None  # each expert's hidden width; None: mlp_dim
+  moe_shared_experts: int = 0  # experts every token uses (DeepSeek-MoE), one MLP of their total width
+  moe_shared_gate: bool = False  # a sigmoid gate on the shared experts' output (Qwen-MoE)
+  moe_router: str = "topk"  # topk | sigmoid (DeepSeek-V3, bias-balanced) | expert_choice (Zhou et al.)
+  moe_gate_order: str = "softmax_topk"  # softmax over all experts, then top-k | topk_softmax
+  moe_renormalize: bool = True  # gates of the k chosen experts sum to 1 (Mixtral)
+  moe_dispatch: str = "dropless"  # dropless (sorted grouped matmuls) | capacity (GShard)
+  moe_capacity_factor: float = 1.25  # capacity per expert and sequence: factor x k x t / E
+  moe_aux_loss_weight: float = 1e-2  # Switch load-balancing loss
+  moe_z_loss_weight: float = 1e-3  # ST-MoE router z-loss
+  moe_jitter: float = 0.0  # multiplicative router-input noise U(1 - eps, 1 + eps) in training
+  moe_bias_update_rate: float = 1e-3  # sigmoid router: DeepSeek-V3's balancing-bias step
+  moe_gmm_impl: str = "auto"  # grouped matmul: auto | xla | ragged_dot | pallas | pallas_interpret | reference
   # norms, embeddings, init
   norm: str = "rmsnorm"
   norm_eps: float = 1e-5
@@ -110,6 +130,7 @@ class ModelConfig:
     _check_choice(self, "polarization", POLARIZATIONS)
     _check_choice(self, "s4d_init", S4D_INITS)
     self._check_recurrent_mixers()
+    self._check_moe()
     if self.head_dim is None and self.d_model % self.num_heads:
       raise ValueError(
           f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}; "
@@ -159,6 +180,32 @@ class ModelConfig:
         if width < 1 or width != getattr(self, name) * self.d_model or width % self.gla_num_heads:
           raise ValueError(f"gla: model.{name}={getattr(self, name)} x d_model={self.d_model} must be an "
                            f"integer divisible by {self.gla_num_heads} heads (model.gla_heads).")
+
+  def _check_moe(self) -> None:
+    if "moe" not in self.ffns:
+      return
+    _check_positive(self, "moe_num_experts", "moe_top_k")
+    if self.moe_expert_dim is not None:
+      _check_positive(self, "moe_expert_dim")
+    checks.nonnegative_int("model.moe_shared_experts", self.moe_shared_experts)
+    _check_choice(self, "moe_router", MOE_ROUTERS)
+    _check_choice(self, "moe_gate_order", MOE_GATE_ORDERS)
+    _check_choice(self, "moe_dispatch", MOE_DISPATCHES)
+    _check_choice(self, "moe_gmm_impl", MOE_GMM_IMPLS)
+    if self.moe_top_k > self.moe_num_experts:
+      raise ValueError(f"model.moe_top_k={self.moe_top_k} exceeds model.moe_num_experts="
+                       f"{self.moe_num_experts}; pick top_k <= the number of experts.")
+    if not self.moe_capacity_factor > 0:
+      raise ValueError(f"model.moe_capacity_factor={self.moe_capacity_factor} must be > 0 "
+                       "(1.0-1.25 is usual; large values drop nothing).")
+    if not 0 <= self.moe_jitter < 1:
+      raise ValueError(f"model.moe_jitter={self.moe_jitter} must be in [0, 1) (Switch uses 0.01).")
+    if self.moe_shared_gate and not self.moe_shared_experts:
+      raise ValueError("model.moe_shared_gate=True gates shared experts, but model.moe_shared_experts=0.")
+
+  @property
+  def expert_dim(self) -> int:
+    return self.mlp_dim if self.moe_expert_dim is None else self.moe_expert_dim
 
   @property
   def ssm_inner(self) -> int:

@@ -14,6 +14,7 @@ from jaxtyping import Array, Float, Int
 from jaxlab.nn import attention as _attention  # noqa: F401  (registers "attention")
 from jaxlab.nn import linear_attention as _linear_attention  # noqa: F401  (registers "gla")
 from jaxlab.nn import mlp as _mlp  # noqa: F401  (registers "mlp")
+from jaxlab.nn import moe as _moe  # noqa: F401  (registers "moe")
 from jaxlab.nn import ssm as _ssm  # noqa: F401  (registers "mamba", "mamba2", "s4d")
 from jaxlab.nn.config import ModelConfig
 from jaxlab.nn.embed import Embed
@@ -148,6 +149,10 @@ class Transformer(nnx.Module):
     return self._logits(self.hidden_states(*self.embeddings(tokens, positions))[-1])
 
   def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
+    if "moe" in self.config.ffns and self.config.moe_router == "expert_choice":
+      raise ValueError("model.moe_router='expert_choice' picks each expert's tokens from the whole "
+                       "sequence, so it cannot decode one token at a time; use moe_router='topk' "
+                       "for models that generate.")
     layers = [block.mixer.init_cache(batch, max_len, dtype) for block in self.blocks]
     return Cache(index=jnp.zeros((), jnp.int32), layers=layers)
 

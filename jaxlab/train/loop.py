@@ -85,9 +85,7 @@ class _MetricsQueue:
         raise self.nonfinite(", ".join(bad), step)
       loss = float(metrics["loss"])
       self.writer.write(step, {
-          "train/loss": loss, "train/grad_norm": float(metrics["grad_norm"]),
-          "train/update_norm": float(metrics["update_norm"]),
-          "train/learning_rate": float(metrics["learning_rate"]),
+          **{f"train/{key}": float(value) for key, value in metrics.items() if key != "finite"},
           "train/tokens_per_second": self.tokens_per_step / seconds,
           "train/mfu": self.flops_per_step / seconds / self.peak_flops,
           "train/step_seconds": seconds,

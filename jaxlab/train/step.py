@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxlab.nn.reports import apply_state_updates, capture_reports, flat_reports, metric_summary
 from jaxlab.sharding import shard
 from jaxlab.train.state import TrainState
 
@@ -32,10 +33,15 @@ def weighted_cross_entropy(logits_BxLxV: jax.Array, batch: Batch) -> tuple[jax.A
   return jnp.sum(losses * weights), jnp.sum(correct * weights), jnp.sum(weights)
 
 
-def _forward(graphdef: nnx.GraphDef, params: Any, model_state: Any, batch: Batch, dtype) -> jax.Array:
+def _forward(graphdef: nnx.GraphDef, params: Any, model_state: Any, batch: Batch, dtype, rng):
+  """Logits and the model's captured (losses, metrics) (`jaxlab.nn.reports`)."""
   model = nnx.merge(graphdef, cast_floating(params, dtype), model_state)
   inputs = shard(batch["inputs"], ("batch", "length"))
-  return model(inputs)
+  return capture_reports(model, inputs, rng=rng)
+
+
+def _sum_leaves(tree: Any) -> jax.Array:
+  return sum(jax.tree.leaves(tree), jnp.zeros((), jnp.float32))
 
 
 def train_step(
@@ -50,46 +56,60 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step over the global batch, split into ``grad_accum`` micro-batches.
 
-  The loss is the weighted token mean over the whole batch, so accumulating
-  micro-batches gives the same update as one large batch. A step whose loss, gradient
-  norm or update norm is not finite changes nothing: it returns ``state`` as it was,
-  with ``metrics["finite"]`` false, so a damaged update never reaches the parameters.
+  The objective is the weighted token mean of the cross-entropy over the whole batch
+  plus the loss terms the model reports (`jaxlab.nn.reports`: sums over sequences,
+  divided by the batch's sequence count), so accumulating micro-batches gives the same
+  update as one large batch. After the update, modules with training-updated state
+  (``update_state``) see the batch's metrics and ``model_state`` is written back.
+  Metrics: ``loss`` (the cross-entropy), each reported loss term and metric, norms and
+  the learning rate. A step whose loss, gradient norm or update norm is not finite
+  changes nothing: it returns ``state`` as it was, with ``metrics["finite"]`` false.
   """
   dtype = COMPUTE_DTYPES[compute_dtype]
+  num_sequences = batch["inputs"].shape[0]
+  total_weight = jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)
+  rng, step_rng = jax.random.split(state.rng)
 
-  def loss_sum(params, micro):
-    logits = _forward(graphdef, params, state.model_state, micro, dtype)
-    total, _, weight = weighted_cross_entropy(logits, micro)
-    return total, weight
+  def objective(params, micro, micro_rng):
+    logits, losses, metrics = _forward(graphdef, params, state.model_state, micro, dtype, micro_rng)
+    ce, _, _ = weighted_cross_entropy(logits, micro)
+    value = ce / total_weight + _sum_leaves(losses) / num_sequences
+    return value, (ce, losses, metrics)
 
-  grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
   # Micro-batch m takes rows m, m + A, m + 2A, ...: each device keeps its own rows.
   micro_batches = jax.tree.map(
       lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1),
       batch,
   )
+  micro_rngs = jax.random.split(step_rng, grad_accum)
 
-  def accumulate(carry, micro):
-    (total, weight), grads = grad_fn(state.params, micro)
-    return jax.tree.map(jnp.add, carry, (total, weight, grads)), None
+  def accumulate(carry, micro_and_rng):
+    (_, reports), grads = grad_fn(state.params, *micro_and_rng)
+    return jax.tree.map(jnp.add, carry, (reports, grads)), None
 
-  zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
-           jax.tree.map(jnp.zeros_like, state.params))
-  (total, weight, grads), _ = jax.lax.scan(accumulate, zeros, micro_batches)
-  weight = jnp.maximum(weight, 1.0)
-  grads = jax.tree.map(lambda g: g / weight, grads)
+  first = jax.tree.map(lambda x: x[0], (micro_batches, micro_rngs))
+  shapes = jax.eval_shape(lambda: grad_fn(state.params, *first))
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (shapes[0][1], shapes[1]))
+  ((ce, losses, metrics), grads), _ = jax.lax.scan(accumulate, zeros, (micro_batches, micro_rngs))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  rng, _ = jax.random.split(state.rng)
+  model = nnx.merge(graphdef, params, state.model_state)
+  apply_state_updates(model, metrics, num_sequences)
+  model_state = nnx.split(model, nnx.Param, ...)[2]
+  per_sequence = lambda tree: {k: v / num_sequences for k, v in flat_reports(tree).items()}  # noqa: E731
   metrics = {
-      "loss": total / weight,
+      "loss": ce / total_weight,
+      **per_sequence(losses),
+      **metric_summary(per_sequence(metrics)),
       "grad_norm": optax.tree.norm(grads),
       "update_norm": optax.tree.norm(updates),
       "learning_rate": schedule(state.step),
   }
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & jnp.isfinite(
       metrics["update_norm"])
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            model_state=model_state, rng=rng)
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
   return new_state, {**metrics, "finite": finite}
 

@@ -55,6 +55,8 @@ class TransformerTest(chex.TestCase, parameterized.TestCase):
       dict(num_kv_heads=4, tie_embeddings=True),
       dict(norm="layernorm", mlp_activation="gelu", mlp_bias=True, attention_bias=True),
       dict(positional="none"),
+      dict(ffns=("mlp", "moe"), moe_num_experts=4),
+      dict(ffns=("moe",), moe_router="sigmoid", moe_top_k=1, moe_shared_experts=1, moe_shared_gate=True),
   )
   def test_decode_equals_forward(self, **overrides):
     """Prefill a prefix, then decode one token at a time: logits equal the full forward."""

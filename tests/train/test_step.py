@@ -1,5 +1,6 @@
 """The train step: accumulation, precision, and the state it returns."""
 
+import dataclasses
 import functools
 
 import chex
@@ -26,11 +27,15 @@ def batch(seed, b=8, t=12):
   return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights}
 
 
-def run(steps, grad_accum=1, compute_dtype="float32", fixed_batch=False):
+MOE = dataclasses.replace(MODEL, ffns=("mlp", "moe"), moe_num_experts=4, moe_expert_dim=24,
+                          moe_router="sigmoid", moe_aux_loss_weight=0.1, moe_z_loss_weight=0.01)
+
+
+def run(steps, grad_accum=1, compute_dtype="float32", fixed_batch=False, model=MODEL):
   tx, schedule = make_optimizer(OPTIM, total_steps=10)
-  state = init_train_state(MODEL, tx, seed=0)
+  state = init_train_state(model, tx, seed=0)
   step = jax.jit(functools.partial(
-      train_step, graphdef=model_graphdef(MODEL), tx=tx, schedule=schedule,
+      train_step, graphdef=model_graphdef(model), tx=tx, schedule=schedule,
       grad_accum=grad_accum, compute_dtype=compute_dtype))
   losses = []
   for i in range(steps):
@@ -60,6 +65,21 @@ def test_gradient_accumulation_equals_the_full_batch():
   accum_state, accum_losses, _ = run(3, grad_accum=4)
   np.testing.assert_allclose(accum_losses, full_losses, rtol=1e-5)
   chex.assert_trees_all_close(accum_state.params, full_state.params, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_accumulation_is_exact_with_moe_losses_and_state():
+  """The MoE layers' balancing and z losses and the balancing-bias update see the whole
+  batch whether it comes in one piece or four."""
+  full_state, full_losses, full_metrics = run(3, grad_accum=1, model=MOE)
+  accum_state, accum_losses, accum_metrics = run(3, grad_accum=4, model=MOE)
+  np.testing.assert_allclose(accum_losses, full_losses, rtol=1e-5)
+  chex.assert_trees_all_close(accum_state.params, full_state.params, atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(accum_state.model_state, full_state.model_state, atol=1e-6)
+  for key in ("ffn/weighted_aux_loss/layer_1", "ffn/weighted_z_loss/layer_1", "ffn/expert_load/layer_1/0"):
+    np.testing.assert_allclose(accum_metrics[key], full_metrics[key], rtol=1e-5)
+  bias = full_state.model_state["blocks"][1]["ffn"]["router"]["bias"][...]
+  assert np.any(np.asarray(bias) != 0)  # the bias moved, by multiples of the update rate
+  np.testing.assert_allclose(np.abs(np.asarray(bias)) % MOE.moe_bias_update_rate, 0, atol=1e-7)
 
 
 def test_bfloat16_compute_keeps_float32_master_weights():

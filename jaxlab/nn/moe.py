@@ -1,0 +1,303 @@
+"""The mixture-of-experts feed-forward layer ``moe``: a router scores experts per token,
+tokens are dispatched to their experts, and the experts' outputs are combined with the
+gate weights (Shazeer et al. 2017; GShard; Switch; Mixtral; DeepSeek-MoE and -V3).
+
+Routers (``model.moe_router``), scores always in fp32:
+- ``topk``: softmax over all experts then the top k (``moe_gate_order="softmax_topk"``;
+  Switch, OLMoE, Qwen-MoE; renormalized over the k with ``moe_renormalize``, which is
+  Mixtral), or the top k logits then a softmax over them (``"topk_softmax"``; equal to
+  the renormalized form).
+- ``sigmoid``: DeepSeek-V3's sigmoid scores; the experts are chosen by score + a
+  balancing bias that the train step moves towards equal load (auxiliary-loss-free
+  balancing, γ = ``moe_bias_update_rate``), the gates are the scores (renormalized).
+- ``expert_choice`` (Zhou et al. 2022): each expert takes its top-C tokens of a
+  sequence. It sees the whole sequence, so it cannot decode token by token.
+
+Dispatch (``model.moe_dispatch``) for the token-choice routers:
+- ``dropless``: sort the token copies by expert, grouped matmuls (`pallas_kernels.gmm`),
+  unsort and combine (MegaBlocks).
+- ``capacity``: each expert takes at most C = ceil(capacity_factor · k · t / E) token
+  copies per sequence, first choices before second ones (GShard); a dropped copy adds
+  nothing, so a token whose copies all drop passes through the residual.
+Expert choice uses the same per-sequence capacity C.
+
+Reports (`jaxlab.nn.reports`), per sequence and summed over the batch: the Switch
+load-balancing loss ``E Σ_i f_i P_i`` (f_i the fraction of the sequence's token copies
+routed to expert i, P_i its mean router probability) and the ST-MoE z-loss
+``mean_t logsumexp(logits_t)²``, each times its weight; metrics ``expert_load`` (f),
+``dropped_fraction`` and ``router_entropy``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from jaxlab.nn.config import ModelConfig
+from jaxlab.nn.linear import Linear, broadcast_leading, logical_param
+from jaxlab.nn.mlp import MLP
+from jaxlab.nn.registry import register_ffn
+from jaxlab.nn.reports import Loss, Metric, report, training_rng
+from jaxlab.sharding import shard
+from jaxlab.sharding.context import mesh_axes_of
+from pallas_kernels.gmm.ops import gmm
+
+GMM_IMPLEMENTATIONS = {"auto": None, "xla": "xla", "ragged_dot": "ragged_dot", "pallas": "pallas",
+                       "pallas_interpret": "pallas_interpret", "reference": "reference"}
+
+
+class RouterBias(nnx.Variable):
+  """DeepSeek-V3's balancing bias: shifts which experts are chosen, never the gates;
+  moved by the train step from the measured load, not by the gradient."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Routing:
+  """Each token's k experts and gate weights, and the router's probabilities over all
+  experts (for the balancing loss)."""
+
+  experts: Int[Array, "b t k"]
+  weights: Float[Array, "b t k"]
+  probs: Float[Array, "b t e"]
+
+
+class Router(nnx.Module):
+  """Logits ``x W`` (fp32) and the token-choice routing of `moe.py`'s docstring."""
+
+  def __init__(self, config: ModelConfig, *, layer: int, rngs: nnx.Rngs):
+    d, e = config.d_model, config.moe_num_experts
+    self.kernel = logical_param(jax.random.normal(rngs.params(), (d, e), jnp.float32) * config.init_std,
+                                ("embed", None))
+    self.bias = RouterBias(jnp.zeros((e,), jnp.float32)) if config.moe_router == "sigmoid" else None
+    self.config, self.layer = config, layer
+
+  def logits(self, x_BxTxD: jax.Array) -> Float[Array, "b t e"]:
+    x = x_BxTxD.astype(jnp.float32)
+    key = training_rng(self.layer)
+    if key is not None and self.config.moe_jitter > 0:  # Switch's multiplicative input jitter
+      eps = self.config.moe_jitter
+      x = x * jax.random.uniform(key, x.shape, jnp.float32, 1.0 - eps, 1.0 + eps)
+    return x @ self.kernel[...]
+
+  def route(self, logits: Float[Array, "b t e"]) -> Routing:
+    c, k = self.config, self.config.moe_top_k
+    if c.moe_router == "sigmoid":
+      scores = jax.nn.sigmoid(logits)
+      _, experts = jax.lax.top_k(scores + broadcast_leading(self.bias[...], scores.ndim), k)
+      weights = jnp.take_along_axis(scores, experts, axis=-1)
+      probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+    elif c.moe_gate_order == "topk_softmax":
+      top, experts = jax.lax.top_k(logits, k)
+      weights, probs = jax.nn.softmax(top, axis=-1), jax.nn.softmax(logits, axis=-1)
+      return Routing(experts, weights, probs)
+    else:
+      probs = jax.nn.softmax(logits, axis=-1)
+      weights, experts = jax.lax.top_k(probs, k)
+    if c.moe_renormalize:
+      weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return Routing(experts, weights, probs)
+
+
+class Experts(nnx.Module):
+  """E feed-forward networks (SwiGLU or GELU, as ``model.mlp_activation``), weights
+  ``[expert, embed, mlp]`` and ``[expert, mlp, embed]``."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    e, d, f = config.moe_num_experts, config.d_model, config.expert_dim
+    normal = lambda shape: jax.random.normal(rngs.params(), shape, jnp.float32) * config.init_std  # noqa: E731
+    self.gate = logical_param(normal((e, d, f)), ("expert", "embed", "mlp")) if config.mlp_activation == "swiglu" else None
+    self.up = logical_param(normal((e, d, f)), ("expert", "embed", "mlp"))
+    self.down = logical_param(normal((e, f, d)), ("expert", "mlp", "embed"))
+    self.gmm_impl = GMM_IMPLEMENTATIONS[config.moe_gmm_impl]
+
+  def weights(self, dtype) -> tuple[jax.Array | None, jax.Array, jax.Array]:
+    cast = lambda w: None if w is None else w[...].astype(dtype)  # noqa: E731
+    return cast(self.gate), cast(self.up), cast(self.down)
+
+
+def _activate(gate_out, up_out):
+  if gate_out is None:
+    return jax.nn.gelu(up_out, approximate=True)
+  return jax.nn.silu(gate_out) * up_out
+
+
+def grouped_ffn(weights, xs: Float[Array, "m d"], group_sizes: Int[Array, "e"], implementation) -> Float[Array, "m d"]:
+  """The experts over token copies sorted by expert (``group_sizes[i]`` rows for expert i)."""
+  gate, up, down = weights
+  product = lambda a, w: gmm(a, w, group_sizes, implementation=implementation)  # noqa: E731
+  h = _activate(None if gate is None else product(xs, gate), product(xs, up))
+  return product(h, down)
+
+
+def batched_ffn(weights, buffers: Float[Array, "e c d"]) -> Float[Array, "e c d"]:
+  """The experts over per-expert buffers of equal size."""
+  gate, up, down = weights
+  product = lambda a, w: jnp.einsum("ecd,edf->ecf", a, w)  # noqa: E731
+  h = _activate(None if gate is None else product(buffers, gate), product(buffers, up))
+  return product(h, down)
+
+
+def dropless(
+    x: Float[Array, "n d"], experts: Int[Array, "n k"], weights: Float[Array, "n k"], ffn_weights,
+    num_experts: int, implementation,
+) -> Float[Array, "n d"]:
+  """Every token copy is computed: sort by expert, grouped FFN, unsort, gate and sum."""
+  n, k = experts.shape
+  flat = experts.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+  ys = grouped_ffn(ffn_weights, x[order // k], group_sizes, implementation)
+  y = ys[jnp.argsort(order)].reshape(n, k, -1)
+  return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights).astype(x.dtype)
+
+
+def capacity_of(config: ModelConfig, seq_len: int) -> int:
+  """Token copies an expert takes per sequence: ceil(capacity_factor · k · t / E), at most t."""
+  c = config
+  return min(seq_len, max(1, math.ceil(c.moe_capacity_factor * c.moe_top_k * seq_len / c.moe_num_experts)))
+
+
+def capacity_positions(experts: Int[Array, "b t k"], num_experts: int) -> Int[Array, "b t k"]:
+  """Each copy's position in its expert's queue for its sequence, all first choices
+  before any second choice (GShard's priority)."""
+  b, t, k = experts.shape
+  choice_major = experts.swapaxes(1, 2).reshape(b, k * t)
+  onehot = jax.nn.one_hot(choice_major, num_experts, dtype=jnp.int32)
+  position = jnp.sum((jnp.cumsum(onehot, axis=1) - 1) * onehot, axis=-1)
+  return position.reshape(b, k, t).swapaxes(1, 2)
+
+
+def with_capacity(
+    x: Float[Array, "b t d"], experts: Int[Array, "b t k"], weights: Float[Array, "b t k"], ffn_weights,
+    num_experts: int, capacity: int,
+) -> tuple[Float[Array, "b t d"], Float[Array, "b"]]:
+  """GShard dispatch into [E, C] buffers per sequence; returns the output and each
+  sequence's fraction of dropped token copies."""
+  b, t, d = x.shape
+  position = capacity_positions(experts, num_experts)
+  kept = position < capacity
+  slot = jnp.where(kept, experts * capacity + position, num_experts * capacity)  # the last slot: dropped
+  rows = jnp.arange(b)[:, None, None]
+  buffers = jnp.zeros((b, num_experts * capacity + 1, d), x.dtype)
+  buffers = buffers.at[rows, slot].set(jnp.broadcast_to(x[:, :, None], (*slot.shape, d)))
+  buffers = buffers[:, :-1].reshape(b, num_experts, capacity, d).swapaxes(0, 1).reshape(num_experts, b * capacity, d)
+  out = batched_ffn(ffn_weights, buffers).reshape(num_experts, b, capacity, d).swapaxes(0, 1)
+  out = jnp.concatenate([out.reshape(b, num_experts * capacity, d), jnp.zeros((b, 1, d), out.dtype)], axis=1)
+  y = out[rows, slot]
+  y = jnp.einsum("btkd,btk->btd", y.astype(jnp.float32), weights * kept).astype(x.dtype)
+  return y, 1.0 - jnp.mean(kept.astype(jnp.float32), axis=(1, 2))
+
+
+def expert_choice(
+    x: Float[Array, "b t d"], probs: Float[Array, "b t e"], ffn_weights, capacity: int,
+) -> Float[Array, "b t d"]:
+  """Zhou et al. 2022: expert e takes the C tokens of the sequence with the highest
+  probability for it, gate G = that probability; a token sums over the experts that took it."""
+  b, t, d = x.shape
+  gates, tokens = jax.lax.top_k(probs.swapaxes(1, 2), capacity)  # [b, e, c]
+  e = probs.shape[-1]
+  rows = jnp.arange(b)[:, None, None]
+  buffers = x[rows, tokens].swapaxes(0, 1).reshape(e, b * capacity, d)
+  out = batched_ffn(ffn_weights, buffers).reshape(e, b, capacity, d).swapaxes(0, 1)
+  gated = (out.astype(jnp.float32) * gates[..., None]).reshape(b, e * capacity, d)
+  y = jnp.zeros((b, t, d), jnp.float32).at[jnp.arange(b)[:, None], tokens.reshape(b, -1)].add(gated)
+  return y.astype(x.dtype)
+
+
+def _local_tokens(fn, num_outputs: int, x, ffn_weights, *routing) -> tuple:
+  """``fn(x, ffn_weights, *routing)`` (a tuple of ``num_outputs`` per-sequence arrays, the
+  layer output first) on each device's own sequences under a mesh, since the grouped
+  matmul kernels cannot be partitioned automatically; the experts' hidden width is split
+  over the mesh axes of ``mlp`` and their partial outputs summed (tensor parallelism)."""
+  if jax.sharding.get_abstract_mesh().empty:
+    return fn(x, ffn_weights, *routing)
+  P = jax.sharding.PartitionSpec
+  batch, mlp = mesh_axes_of("batch"), mesh_axes_of("mlp")
+  gate, up, down = ffn_weights
+  hidden = P(None, None, mlp)
+  weight_specs = (None if gate is None else hidden, hidden, P(None, mlp, None))
+
+  def local(x, ffn_weights, *routing):
+    y, *rest = fn(x, ffn_weights, *routing)
+    return (y if mlp is None else jax.lax.psum(y, mlp), *rest)
+
+  return jax.shard_map(local, in_specs=(P(batch), weight_specs, *(P(batch) for _ in routing)),
+                       out_specs=tuple(P(batch) for _ in range(num_outputs)), check_vma=False)(
+                           x, ffn_weights, *routing)
+
+
+@register_ffn("moe")
+class MoE(nnx.Module):
+  """Routed experts, plus ``moe_shared_experts`` experts every token uses (DeepSeek-MoE;
+  with ``moe_shared_gate`` a sigmoid gate on their output, Qwen-MoE)."""
+
+  def __init__(self, config: ModelConfig, *, layer: int, rngs: nnx.Rngs):
+    self.config = config
+    self.router = Router(config, layer=layer, rngs=rngs)
+    self.experts = Experts(config, rngs=rngs)
+    shared = config.moe_shared_experts * config.expert_dim
+    self.shared = MLP(dataclasses.replace(config, mlp_dim=shared), layer=layer, rngs=rngs) if shared else None
+    self.shared_gate = (Linear((config.d_model,), (1,), ("embed",), (None,), init_std=config.init_std, rngs=rngs)
+                        if shared and config.moe_shared_gate else None)
+
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    c = self.config
+    b, t, d = x_BxTxD.shape
+    logits = self.router.logits(x_BxTxD)
+    ffn_weights = self.experts.weights(x_BxTxD.dtype)
+    if c.moe_router == "expert_choice":
+      probs = jax.nn.softmax(logits, axis=-1)
+      (y,) = _local_tokens(lambda x, w, p: (expert_choice(x, p, w, capacity_of(c, t)),), 1,
+                           x_BxTxD, ffn_weights, probs)
+      self._report_router(logits, probs, None, None)
+    else:
+      routing = self.router.route(logits)
+      if c.moe_dispatch == "dropless":
+        def fn(x, w, experts, weights):
+          n = x.shape[0] * x.shape[1]
+          y = dropless(x.reshape(n, d), experts.reshape(n, -1), weights.reshape(n, -1), w,
+                       c.moe_num_experts, self.experts.gmm_impl)
+          return (y.reshape(x.shape),)
+        (y,) = _local_tokens(fn, 1, x_BxTxD, ffn_weights, routing.experts, routing.weights)
+        dropped = jnp.zeros((b,), jnp.float32)
+      else:
+        fn = lambda x, w, e, g: with_capacity(x, e, g, w, c.moe_num_experts, capacity_of(c, t))  # noqa: E731
+        y, dropped = _local_tokens(fn, 2, x_BxTxD, ffn_weights, routing.experts, routing.weights)
+      self._report_router(logits, routing.probs, routing.experts, dropped)
+    y = shard(y, ("batch", "length", "embed"))
+    if self.shared is not None:
+      shared = self.shared(x_BxTxD)
+      if self.shared_gate is not None:
+        shared = shared * jax.nn.sigmoid(self.shared_gate(x_BxTxD).astype(jnp.float32)).astype(shared.dtype)
+      y = y + shared
+    return y
+
+  def _report_router(self, logits, probs, experts, dropped) -> None:
+    """Per-sequence losses and metrics, summed over the batch (`jaxlab.nn.reports`)."""
+    c, e = self.config, self.config.moe_num_experts
+    if experts is not None:
+      load = jnp.mean(jax.nn.one_hot(experts, e, dtype=jnp.float32), axis=(1, 2))  # [b, e]: f_i
+      report(self, Metric, "expert_load", jnp.sum(load, axis=0))
+      report(self, Metric, "dropped_fraction", jnp.sum(dropped))
+      aux = e * jnp.sum(load * jnp.mean(probs, axis=1), axis=-1)
+      report(self, Metric, "aux_loss", jnp.sum(aux))
+      if c.moe_aux_loss_weight:
+        report(self, Loss, "weighted_aux_loss", c.moe_aux_loss_weight * jnp.sum(aux))
+    z = jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2, axis=1)
+    report(self, Metric, "z_loss", jnp.sum(z))
+    if c.moe_z_loss_weight:
+      report(self, Loss, "weighted_z_loss", c.moe_z_loss_weight * jnp.sum(z))
+    entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-9)), axis=-1)
+    report(self, Metric, "router_entropy", jnp.sum(jnp.mean(entropy, axis=1)))
+
+  def update_state(self, metrics: dict[str, jax.Array]) -> None:
+    """DeepSeek-V3: b_i += γ · sign(mean load - load_i), from the batch's expert load."""
+    if self.router.bias is None or not self.config.moe_bias_update_rate or "expert_load" not in metrics:
+      return
+    load = metrics["expert_load"]
+    self.router.bias[...] += self.config.moe_bias_update_rate * jnp.sign(jnp.mean(load) - load)
