@@ -45,6 +45,7 @@ from jaxlab.nn.registry import register_ffn
 from jaxlab.nn.reports import Loss, Metric, report, training_rng
 from jaxlab.sharding import shard
 from jaxlab.sharding.context import mesh_axes_of
+from jaxlab.sharding.rules import spec_size
 from pallas_kernels.gmm.ops import gmm
 
 GMM_IMPLEMENTATIONS = {"auto": None, "xla": "xla", "ragged_dot": "ragged_dot", "pallas": "pallas",
@@ -142,16 +143,65 @@ def batched_ffn(weights, buffers: Float[Array, "e c d"]) -> Float[Array, "e c d"
   return product(h, down)
 
 
+def exchange_grouped(
+    local_ffn, xs: Float[Array, "m d"], group_sizes: Int[Array, "e"], axes, shards: int,
+) -> Float[Array, "m d"]:
+  """Expert parallelism for sorted token copies: copies travel to the shard holding
+  their expert and back with ``all_to_all`` over ``axes``, in buffers of m rows per
+  shard (room for every copy to go to one shard, so nothing is dropped), with the
+  counts per (source shard, local expert) sent alongside; ``local_ffn(rows, sizes)``
+  runs this shard's experts on what it received, sorted by local expert."""
+  m, d = xs.shape
+  local = group_sizes.shape[0] // shards
+  shard_counts = jnp.sum(group_sizes.reshape(shards, local), axis=1)
+  shard_ends = jnp.cumsum(shard_counts)
+  shard_starts = shard_ends - shard_counts
+  rows = jnp.arange(m)
+  source = jnp.minimum(shard_starts[:, None] + rows[None, :], m - 1)
+  send = jnp.where((rows[None, :] < shard_counts[:, None])[..., None], xs[source], 0)  # [shards, m, d]
+  received = jax.lax.all_to_all(send, axes, 0, 0, tiled=True)
+  counts = jax.lax.all_to_all(group_sizes.reshape(shards, local), axes, 0, 0, tiled=True)
+  row_expert = jnp.sum(rows[None, :, None] >= jnp.cumsum(counts, axis=1)[:, None, :], axis=-1)
+  order = jnp.argsort(row_expert.reshape(-1), stable=True)  # padding rows (expert = local) last
+  ys = local_ffn(received.reshape(shards * m, d)[order], jnp.sum(counts, axis=0).astype(jnp.int32))
+  back = jax.lax.all_to_all(ys[jnp.argsort(order)].reshape(shards, m, d), axes, 0, 0, tiled=True)
+  shard_of = jnp.sum(rows[:, None] >= shard_ends[None, :], axis=-1)
+  return back[shard_of, rows - shard_starts[shard_of]]
+
+
+class ExpertFFN:
+  """The experts as the dispatches call them: ``grouped`` over copies sorted by expert,
+  ``batched`` over per-expert buffers ``[E, rows, d]``. With ``expert_axes`` (inside
+  `jax.shard_map`) the weights hold this shard's E / shards experts and the copies are
+  exchanged with ``all_to_all`` (GShard's expert parallelism)."""
+
+  def __init__(self, weights, implementation, expert_axes=None, shards: int = 1):
+    self.weights, self.implementation = weights, implementation
+    self.expert_axes, self.shards = expert_axes, shards
+
+  def grouped(self, xs: Float[Array, "m d"], group_sizes: Int[Array, "e"]) -> Float[Array, "m d"]:
+    run = lambda rows, sizes: grouped_ffn(self.weights, rows, sizes, self.implementation)  # noqa: E731
+    if self.expert_axes is None:
+      return run(xs, group_sizes)
+    return exchange_grouped(run, xs, group_sizes, self.expert_axes, self.shards)
+
+  def batched(self, buffers: Float[Array, "e c d"]) -> Float[Array, "e c d"]:
+    if self.expert_axes is None:
+      return batched_ffn(self.weights, buffers)
+    local = jax.lax.all_to_all(buffers, self.expert_axes, 0, 1, tiled=True)  # [E / shards, shards · c, d]
+    return jax.lax.all_to_all(batched_ffn(self.weights, local), self.expert_axes, 1, 0, tiled=True)
+
+
 def dropless(
-    x: Float[Array, "n d"], experts: Int[Array, "n k"], weights: Float[Array, "n k"], ffn_weights,
-    num_experts: int, implementation,
+    x: Float[Array, "n d"], experts: Int[Array, "n k"], weights: Float[Array, "n k"], ffn: ExpertFFN,
+    num_experts: int,
 ) -> Float[Array, "n d"]:
   """Every token copy is computed: sort by expert, grouped FFN, unsort, gate and sum."""
   n, k = experts.shape
   flat = experts.reshape(-1)
   order = jnp.argsort(flat, stable=True)
   group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-  ys = grouped_ffn(ffn_weights, x[order // k], group_sizes, implementation)
+  ys = ffn.grouped(x[order // k], group_sizes)
   y = ys[jnp.argsort(order)].reshape(n, k, -1)
   return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights).astype(x.dtype)
 
@@ -173,7 +223,7 @@ def capacity_positions(experts: Int[Array, "b t k"], num_experts: int) -> Int[Ar
 
 
 def with_capacity(
-    x: Float[Array, "b t d"], experts: Int[Array, "b t k"], weights: Float[Array, "b t k"], ffn_weights,
+    x: Float[Array, "b t d"], experts: Int[Array, "b t k"], weights: Float[Array, "b t k"], ffn: ExpertFFN,
     num_experts: int, capacity: int,
 ) -> tuple[Float[Array, "b t d"], Float[Array, "b"]]:
   """GShard dispatch into [E, C] buffers per sequence; returns the output and each
@@ -186,7 +236,7 @@ def with_capacity(
   buffers = jnp.zeros((b, num_experts * capacity + 1, d), x.dtype)
   buffers = buffers.at[rows, slot].set(jnp.broadcast_to(x[:, :, None], (*slot.shape, d)))
   buffers = buffers[:, :-1].reshape(b, num_experts, capacity, d).swapaxes(0, 1).reshape(num_experts, b * capacity, d)
-  out = batched_ffn(ffn_weights, buffers).reshape(num_experts, b, capacity, d).swapaxes(0, 1)
+  out = ffn.batched(buffers).reshape(num_experts, b, capacity, d).swapaxes(0, 1)
   out = jnp.concatenate([out.reshape(b, num_experts * capacity, d), jnp.zeros((b, 1, d), out.dtype)], axis=1)
   y = out[rows, slot]
   y = jnp.einsum("btkd,btk->btd", y.astype(jnp.float32), weights * kept).astype(x.dtype)
@@ -194,7 +244,7 @@ def with_capacity(
 
 
 def expert_choice(
-    x: Float[Array, "b t d"], probs: Float[Array, "b t e"], ffn_weights, capacity: int,
+    x: Float[Array, "b t d"], probs: Float[Array, "b t e"], ffn: ExpertFFN, capacity: int,
 ) -> Float[Array, "b t d"]:
   """Zhou et al. 2022: expert e takes the C tokens of the sequence with the highest
   probability for it, gate G = that probability; a token sums over the experts that took it."""
@@ -203,27 +253,31 @@ def expert_choice(
   e = probs.shape[-1]
   rows = jnp.arange(b)[:, None, None]
   buffers = x[rows, tokens].swapaxes(0, 1).reshape(e, b * capacity, d)
-  out = batched_ffn(ffn_weights, buffers).reshape(e, b, capacity, d).swapaxes(0, 1)
+  out = ffn.batched(buffers).reshape(e, b, capacity, d).swapaxes(0, 1)
   gated = (out.astype(jnp.float32) * gates[..., None]).reshape(b, e * capacity, d)
   y = jnp.zeros((b, t, d), jnp.float32).at[jnp.arange(b)[:, None], tokens.reshape(b, -1)].add(gated)
   return y.astype(x.dtype)
 
 
-def _local_tokens(fn, num_outputs: int, x, ffn_weights, *routing) -> tuple:
-  """``fn(x, ffn_weights, *routing)`` (a tuple of ``num_outputs`` per-sequence arrays, the
-  layer output first) on each device's own sequences under a mesh, since the grouped
-  matmul kernels cannot be partitioned automatically; the experts' hidden width is split
-  over the mesh axes of ``mlp`` and their partial outputs summed (tensor parallelism)."""
-  if jax.sharding.get_abstract_mesh().empty:
-    return fn(x, ffn_weights, *routing)
+def _local_tokens(fn, num_outputs: int, x, ffn_weights, implementation, *routing) -> tuple:
+  """``fn(x, ffn: ExpertFFN, *routing)`` (a tuple of ``num_outputs`` per-sequence arrays,
+  the layer output first) on each device's own sequences under a mesh, since the grouped
+  matmul kernels cannot be partitioned automatically: experts split over the mesh axes
+  of ``expert`` (expert parallelism), their hidden width over those of ``mlp`` with the
+  partial outputs summed (tensor parallelism)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return fn(x, ExpertFFN(ffn_weights, implementation), *routing)
   P = jax.sharding.PartitionSpec
-  batch, mlp = mesh_axes_of("batch"), mesh_axes_of("mlp")
+  batch, expert, mlp = mesh_axes_of("batch"), mesh_axes_of("expert"), mesh_axes_of("mlp")
+  shards = spec_size(P(expert), dict(mesh.shape))[0]
   gate, up, down = ffn_weights
-  hidden = P(None, None, mlp)
-  weight_specs = (None if gate is None else hidden, hidden, P(None, mlp, None))
+  hidden = P(expert, None, mlp)
+  weight_specs = (None if gate is None else hidden, hidden, P(expert, mlp, None))
 
   def local(x, ffn_weights, *routing):
-    y, *rest = fn(x, ffn_weights, *routing)
+    ffn = ExpertFFN(ffn_weights, implementation, expert if shards > 1 else None, shards)
+    y, *rest = fn(x, ffn, *routing)
     return (y if mlp is None else jax.lax.psum(y, mlp), *rest)
 
   return jax.shard_map(local, in_specs=(P(batch), weight_specs, *(P(batch) for _ in routing)),
@@ -249,25 +303,24 @@ class MoE(nnx.Module):
     c = self.config
     b, t, d = x_BxTxD.shape
     logits = self.router.logits(x_BxTxD)
-    ffn_weights = self.experts.weights(x_BxTxD.dtype)
+    ffn_weights, impl = self.experts.weights(x_BxTxD.dtype), self.experts.gmm_impl
     if c.moe_router == "expert_choice":
       probs = jax.nn.softmax(logits, axis=-1)
-      (y,) = _local_tokens(lambda x, w, p: (expert_choice(x, p, w, capacity_of(c, t)),), 1,
-                           x_BxTxD, ffn_weights, probs)
+      (y,) = _local_tokens(lambda x, ffn, p: (expert_choice(x, p, ffn, capacity_of(c, t)),), 1,
+                           x_BxTxD, ffn_weights, impl, probs)
       self._report_router(logits, probs, None, None)
     else:
       routing = self.router.route(logits)
       if c.moe_dispatch == "dropless":
-        def fn(x, w, experts, weights):
+        def fn(x, ffn, experts, weights):
           n = x.shape[0] * x.shape[1]
-          y = dropless(x.reshape(n, d), experts.reshape(n, -1), weights.reshape(n, -1), w,
-                       c.moe_num_experts, self.experts.gmm_impl)
+          y = dropless(x.reshape(n, d), experts.reshape(n, -1), weights.reshape(n, -1), ffn, c.moe_num_experts)
           return (y.reshape(x.shape),)
-        (y,) = _local_tokens(fn, 1, x_BxTxD, ffn_weights, routing.experts, routing.weights)
+        (y,) = _local_tokens(fn, 1, x_BxTxD, ffn_weights, impl, routing.experts, routing.weights)
         dropped = jnp.zeros((b,), jnp.float32)
       else:
-        fn = lambda x, w, e, g: with_capacity(x, e, g, w, c.moe_num_experts, capacity_of(c, t))  # noqa: E731
-        y, dropped = _local_tokens(fn, 2, x_BxTxD, ffn_weights, routing.experts, routing.weights)
+        fn = lambda x, ffn, e, g: with_capacity(x, e, g, ffn, c.moe_num_experts, capacity_of(c, t))  # noqa: E731
+        y, dropped = _local_tokens(fn, 2, x_BxTxD, ffn_weights, impl, routing.experts, routing.weights)
       self._report_router(logits, routing.probs, routing.experts, dropped)
     y = shard(y, ("batch", "length", "embed"))
     if self.shared is not None:

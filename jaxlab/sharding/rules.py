@@ -33,22 +33,26 @@ Rules = tuple[tuple[str, tuple[str, ...]], ...]
 
 _BATCH = ("batch", ("data", "fsdp", "expert"))
 
+_TENSOR = (
+    ("heads", ("tensor",)),
+    ("kv_heads", ("tensor",)),
+    ("mlp", ("tensor",)),
+    ("vocab", ("tensor",)),
+)
+
 STRATEGIES: dict[str, Rules] = {
     # Parameters replicated; the batch is split over every mesh axis.
-    "dp": (_BATCH, ("expert", ("expert",))),
+    "dp": (_BATCH,),
     # Parameters split along their model width over `fsdp` (ZeRO-3 style).
-    "fsdp": (_BATCH, ("expert", ("expert",)), ("embed", ("fsdp",))),
+    "fsdp": (_BATCH, ("embed", ("fsdp",))),
     # FSDP plus Megatron tensor parallelism over `tensor`.
-    "fsdp_tp": (
-        _BATCH,
-        ("expert", ("expert",)),
-        ("heads", ("tensor",)),
-        ("kv_heads", ("tensor",)),
-        ("mlp", ("tensor",)),
-        ("vocab", ("tensor",)),
-        ("embed", ("fsdp",)),
-    ),
+    "fsdp_tp": (_BATCH, *_TENSOR, ("embed", ("fsdp",))),
+    # FSDP with the experts of MoE layers split over `expert` (expert parallelism:
+    # tokens travel to their experts with all_to_all); the batch still spans `expert`.
+    "fsdp_ep": (_BATCH, ("expert", ("expert",)), ("embed", ("fsdp",))),
+    "fsdp_tp_ep": (_BATCH, ("expert", ("expert",)), *_TENSOR, ("embed", ("fsdp",))),
 }
+EXPERT_PARALLEL = ("fsdp_ep", "fsdp_tp_ep")
 
 
 def strategy_rules(strategy: str) -> Rules:

@@ -9,7 +9,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxlab.sharding.rules import Rules, logical_to_spec, spec_size, used_mesh_axes
+from jaxlab.sharding.rules import EXPERT_PARALLEL, Rules, logical_to_spec, spec_size, used_mesh_axes
 
 
 def _axes_text(entry) -> str:
@@ -26,6 +26,21 @@ def check_mesh_use(mesh: Mesh, rules: Rules, strategy: str) -> None:
         f"{sizes}, but sharding.strategy={strategy!r} does not use that axis; set it to 1 "
         "or pick a strategy that uses it (fsdp_tp uses tensor)."
     )
+
+
+def check_expert_axis(mesh: Mesh, strategy: str, has_moe: bool) -> None:
+  """Expert-parallel strategies need an expert axis to split experts over, and experts to split."""
+  if strategy not in EXPERT_PARALLEL:
+    return
+  if mesh.shape.get("expert", 1) == 1:
+    raise ValueError(
+        f"sharding.strategy={strategy!r} splits experts over the expert mesh axis, but mesh.expert=1; "
+        "set mesh.expert to the number of expert-parallel shards, or use "
+        f"{strategy.removesuffix('_ep')!r}.")
+  if not has_moe:
+    raise ValueError(
+        f"sharding.strategy={strategy!r} splits the experts of MoE layers, but model.ffns has no 'moe'; "
+        f"use {strategy.removesuffix('_ep')!r} (the expert axis then only splits the batch).")
 
 
 def check_batch(batch_size: int, grad_accum: int, mesh: Mesh, rules: Rules) -> None:

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxlab.aot.serialize import load_executable
 from jaxlab.nn import ModelConfig, Transformer
 from jaxlab.sharding import (
-    Rules, check_batch, check_divisible, check_mesh_use, logical_to_spec, make_mesh, strategy_rules,
+    Rules, check_batch, check_divisible, check_expert_axis, check_mesh_use, logical_to_spec, make_mesh, strategy_rules,
     use_mesh,
 )
 from jaxlab.sharding.rules import spec_size
@@ -37,9 +37,14 @@ def model_config_fields(config: ModelConfig) -> dict[str, list[tuple[str, int]]]
       "heads": [("model.num_heads", config.num_heads)],
       "kv_heads": [("model.num_kv_heads", config.kv_heads)],
       "mlp": [("model.mlp_dim", config.mlp_dim)],
+      "expert": [("model.moe_num_experts", config.moe_num_experts)],
       "vocab": [("model.vocab_size", config.vocab_size)],
       "embed": [("model.d_model", config.d_model)],
   }
+  if "moe" in config.ffns:
+    fields["mlp"].append(("model.moe_expert_dim", config.expert_dim))
+    if config.moe_shared_experts:
+      fields["mlp"].append(("model.moe_shared_experts x expert width", config.moe_shared_experts * config.expert_dim))
   if mixers & {"mamba", "mamba2"}:
     fields["mlp"].append(("model.ssm_expand x model.d_model", config.ssm_inner))
   if "mamba2" in mixers:
@@ -112,6 +117,7 @@ def build_run(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] |
   mesh = make_mesh(dict(config.mesh), devices)
   rules = strategy_rules(config.sharding.strategy)
   check_mesh_use(mesh, rules, config.sharding.strategy)
+  check_expert_axis(mesh, config.sharding.strategy, "moe" in model_config.ffns)
   check_batch(config.data.batch_size, train.grad_accum, mesh, rules)
   tx, schedule = make_optimizer(config.optim, train.steps)
   abstract = abstract_train_state(model_config, tx, config.seed)

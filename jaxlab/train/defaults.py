@@ -74,7 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
       compiled_train_step=optional(None, str),  # train_step.xla from `python -m jaxlab.compile`
   )
   config.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1)
-  config.sharding = dict(strategy="fsdp")  # dp | fsdp | fsdp_tp
+  config.sharding = dict(strategy="fsdp")  # dp | fsdp | fsdp_tp | fsdp_ep | fsdp_tp_ep
   config.distributed = dict(coordinator_address="", num_processes=1, process_id=0)
   return ml_collections.ConfigDict(config)
 

@@ -22,7 +22,11 @@ from jaxlab.sharding import STRATEGIES, logical_to_spec, make_mesh, mesh_shape, 
         ("fsdp_tp", ("batch", "length", "vocab"), P(("data", "fsdp", "expert"), None, "tensor")),
         # a mesh axis is used once per tensor, by the name whose rule comes first
         ("fsdp_tp", ("mlp", "heads"), P(None, "tensor")),
-        ("fsdp_tp", ("expert", "embed", "mlp"), P("expert", "fsdp", "tensor")),
+        # experts are split only by the expert-parallel strategies
+        ("fsdp_tp", ("expert", "embed", "mlp"), P(None, "fsdp", "tensor")),
+        ("fsdp_ep", ("expert", "embed", "mlp"), P("expert", "fsdp", None)),
+        ("fsdp_tp_ep", ("expert", "mlp", "embed"), P("expert", "tensor", "fsdp")),
+        ("fsdp_tp_ep", ("batch", "length", "embed"), P(("data", "fsdp", "expert"), None, None)),
     ],
 )
 def test_logical_to_spec(strategy, names, expected):
