@@ -143,14 +143,27 @@ def batched_ffn(weights, buffers: Float[Array, "e c d"]) -> Float[Array, "e c d"
   return product(h, down)
 
 
-def exchange_grouped(
+def _local_experts(source, offset, counts) -> jax.Array:
+  """The local expert of a received row from its source shard and its offset in that
+  source's chunk (chunks are sorted by local expert); ``local`` marks padding."""
+  ends = jnp.cumsum(counts, axis=1)[source]  # [rows, local]
+  return jnp.sum(offset[:, None] >= ends, axis=-1)
+
+
+def _run_local(local_ffn, received, source, offset, counts):
+  """This shard's experts over what it received, sorted by local expert and back."""
+  order = jnp.argsort(_local_experts(source, offset, counts), stable=True)  # padding last
+  ys = local_ffn(received[order], jnp.sum(counts, axis=0).astype(jnp.int32))
+  return ys[jnp.argsort(order)]
+
+
+def exchange_padded(
     local_ffn, xs: Float[Array, "m d"], group_sizes: Int[Array, "e"], axes, shards: int,
 ) -> Float[Array, "m d"]:
-  """Expert parallelism for sorted token copies: copies travel to the shard holding
-  their expert and back with ``all_to_all`` over ``axes``, in buffers of m rows per
-  shard (room for every copy to go to one shard, so nothing is dropped), with the
-  counts per (source shard, local expert) sent alongside; ``local_ffn(rows, sizes)``
-  runs this shard's experts on what it received, sorted by local expert."""
+  """Expert parallelism for sorted token copies with ``all_to_all``: copies travel to
+  the shard holding their expert and back in buffers of m rows per shard (room for
+  every copy to go to one shard, so nothing is dropped), the counts per (source shard,
+  local expert) alongside; ``local_ffn(rows, sizes)`` runs this shard's experts."""
   m, d = xs.shape
   local = group_sizes.shape[0] // shards
   shard_counts = jnp.sum(group_sizes.reshape(shards, local), axis=1)
@@ -159,14 +172,51 @@ def exchange_grouped(
   rows = jnp.arange(m)
   source = jnp.minimum(shard_starts[:, None] + rows[None, :], m - 1)
   send = jnp.where((rows[None, :] < shard_counts[:, None])[..., None], xs[source], 0)  # [shards, m, d]
-  received = jax.lax.all_to_all(send, axes, 0, 0, tiled=True)
+  received = jax.lax.all_to_all(send, axes, 0, 0, tiled=True).reshape(shards * m, d)
   counts = jax.lax.all_to_all(group_sizes.reshape(shards, local), axes, 0, 0, tiled=True)
-  row_expert = jnp.sum(rows[None, :, None] >= jnp.cumsum(counts, axis=1)[:, None, :], axis=-1)
-  order = jnp.argsort(row_expert.reshape(-1), stable=True)  # padding rows (expert = local) last
-  ys = local_ffn(received.reshape(shards * m, d)[order], jnp.sum(counts, axis=0).astype(jnp.int32))
-  back = jax.lax.all_to_all(ys[jnp.argsort(order)].reshape(shards, m, d), axes, 0, 0, tiled=True)
+  block = jnp.arange(shards * m)
+  padded = (block % m >= jnp.sum(counts, axis=1)[block // m])  # rows past a source's chunk
+  ys = _run_local(local_ffn, received, block // m, jnp.where(padded, m, block % m), counts)
+  back = jax.lax.all_to_all(ys.reshape(shards, m, d), axes, 0, 0, tiled=True)
   shard_of = jnp.sum(rows[:, None] >= shard_ends[None, :], axis=-1)
-  return back[shard_of, rows - shard_starts[shard_of]]
+  return back[jnp.minimum(shard_of, shards - 1), rows - shard_starts[jnp.minimum(shard_of, shards - 1)]]
+
+
+def exchange_ragged(
+    local_ffn, xs: Float[Array, "m d"], group_sizes: Int[Array, "e"], axes, shards: int,
+    ragged_all_to_all=jax.lax.ragged_all_to_all,
+) -> Float[Array, "m d"]:
+  """`exchange_padded` with ``ragged_all_to_all``: only the copies travel, each source's
+  chunk lands after the chunks of lower-numbered sources, and the results come back
+  to the rows they left from."""
+  m, d = xs.shape
+  local = group_sizes.shape[0] // shards
+  shard_counts = jnp.sum(group_sizes.reshape(shards, local), axis=1)  # to each shard
+  sent = jax.lax.all_gather(shard_counts, axes)  # [source, destination]
+  me = jax.lax.axis_index(axes)
+  peers = jnp.arange(shards)
+  send_starts = jnp.cumsum(shard_counts) - shard_counts
+  recv_sizes = sent[:, me]
+  recv_starts = jnp.cumsum(recv_sizes) - recv_sizes
+  at_peer = jnp.sum(jnp.where((peers < me)[:, None], sent, 0), axis=0)  # where my chunk lands at each peer
+  received = ragged_all_to_all(xs, jnp.zeros((shards * m, d), xs.dtype), send_starts, shard_counts,
+                               at_peer, recv_sizes, axis_name=axes)
+  counts = jax.lax.all_to_all(group_sizes.reshape(shards, local), axes, 0, 0, tiled=True)
+  rows = jnp.arange(shards * m)
+  source = jnp.minimum(jnp.sum(rows[:, None] >= jnp.cumsum(recv_sizes)[None, :], axis=-1), shards - 1)
+  offset = jnp.where(rows < jnp.sum(recv_sizes), rows - recv_starts[source], m)
+  ys = _run_local(local_ffn, received, source, offset, counts)
+  back_at = jnp.sum(jnp.where((peers < me)[None, :], sent, 0), axis=1)  # my chunk's start at each source
+  return ragged_all_to_all(ys, jnp.zeros((m, d), ys.dtype), recv_starts, recv_sizes, back_at, shard_counts,
+                           axis_name=axes)
+
+
+def exchange_grouped(local_ffn, xs, group_sizes, axes, shards: int):
+  """The ragged exchange where the platform has ``ragged_all_to_all`` (TPU, GPU), the
+  padded one elsewhere (XLA:CPU lacks it), chosen at lowering."""
+  padded = lambda xs, sizes: exchange_padded(local_ffn, xs, sizes, axes, shards)  # noqa: E731
+  ragged = lambda xs, sizes: exchange_ragged(local_ffn, xs, sizes, axes, shards)  # noqa: E731
+  return jax.lax.platform_dependent(xs, group_sizes, cpu=padded, default=ragged)
 
 
 class ExpertFFN:

@@ -95,3 +95,49 @@ def test_moe_configs_that_do_not_split_name_the_field(mesh, strategy, fields, me
   config.model.update(**fields)
   with pytest.raises(ValueError, match=message):
     Trainer(config, tmp_path)
+
+
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                               axis_name):
+  """`jax.lax.ragged_all_to_all` as documented, from all_gather (XLA:CPU lacks the op):
+  peer i's rows ``[input_offsets[me], + send_sizes[me])`` land in my output at
+  ``output_offsets[me]`` (as peer i computed it); ``recv_sizes`` must agree."""
+  me = jax.lax.axis_index(axis_name)
+  operands = jax.lax.all_gather(operand, axis_name)
+  starts, sizes, at = (jax.lax.all_gather(v, axis_name)[:, me] for v in (input_offsets, send_sizes, output_offsets))
+  rows = jnp.arange(output.shape[0])
+  inside = (rows[None, :] >= at[:, None]) & (rows[None, :] < (at + sizes)[:, None])
+  source = jnp.argmax(inside, axis=0)
+  read = jnp.clip(starts[source] + rows - at[source], 0, operand.shape[0] - 1)
+  checked = jnp.where(jnp.all(sizes == recv_sizes), operands[source, read], jnp.nan)
+  return jnp.where(jnp.any(inside, axis=0)[:, None], checked, output)
+
+
+def test_ragged_exchange_equals_the_padded_one():
+  """The offsets of the ragged exchange (what TPUs and GPUs run) against the padded
+  all_to_all exchange, on skewed loads that leave some experts empty."""
+  from jaxlab.nn.moe import exchange_padded, exchange_ragged
+
+  mesh = make_mesh(dict(expert=8))
+  experts, m, d = 16, 40, 8
+  w = jax.random.normal(jax.random.key(2), (experts, d, d))
+  keys = jax.random.split(jax.random.key(3), 8)
+  chosen = jnp.stack([jnp.sort(jax.random.randint(k, (m,), 0, experts) * (i % 3 != 0)) for i, k in enumerate(keys)])
+  sizes = jax.vmap(lambda e: jnp.bincount(e, length=experts))(chosen).astype(jnp.int32)
+  xs = jax.random.normal(jax.random.key(4), (8, m, d))
+  P = jax.sharding.PartitionSpec
+
+  def run(exchange):
+    def local(xs, sizes, w):
+      ffn = lambda rows, s: gmm(rows, w, s, implementation="xla")  # noqa: E731
+      return exchange(ffn, xs[0], sizes[0], "expert", 8)[None]
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("expert"), P("expert"), P("expert")),
+                                 out_specs=P("expert"), check_vma=False))(xs, sizes, w)
+
+  from pallas_kernels.gmm.ops import gmm
+
+  want = jax.vmap(lambda x, s: gmm(x, w, s, implementation="reference"))(xs, sizes)
+  padded = run(exchange_padded)
+  ragged = run(lambda *a: exchange_ragged(*a, ragged_all_to_all=emulated_ragged_all_to_all))
+  np.testing.assert_allclose(padded, want, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(ragged, want, atol=1e-5, rtol=1e-5)
