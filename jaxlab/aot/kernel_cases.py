@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxlab.aot.targets import Target
 from pallas_kernels.flash_attention.ops import flash_attention
 from pallas_kernels.gla.ops import gla
+from pallas_kernels.gmm.ops import gmm
 from pallas_kernels.selective_scan.ops import selective_scan
 from pallas_kernels.ssd.ops import ssd
 
@@ -100,6 +101,14 @@ def gated_linear_attention(dtype, b: int = 2, t: int = 2048, h: int = 8, dk: int
                     ("gla_fwd",), ("gla_bwd",))
 
 
+def grouped_matmul(dtype, m: int = 4096, k: int = 1024, n: int = 2048,
+                   sizes: tuple[int, ...] = (700, 0, 512, 1, 900, 683, 300, 1000)) -> KernelCase:
+  """An MoE layer's expert matmul: 4096 token copies over 8 experts, skewed, one empty."""
+  group_sizes = np.asarray(sizes, np.int32)
+  return KernelCase(lambda lhs, rhs: gmm(lhs, rhs, jnp.asarray(group_sizes), implementation=None),
+                    (((m, k), dtype), ((len(sizes), k, n), dtype)), ("gmm",), ("tgmm",))
+
+
 # t = 2048 on GPU too: the ssd and gla kernels loop over chunks, so their gradients (the
 # slowest compiles, 20-90 s) take about as long at t = 1024.
 CASES = {
@@ -113,14 +122,17 @@ CASES = {
     "ssd_bf16": mamba2_ssd(BF16),
     "gla_f32": gated_linear_attention(F32),
     "gla_bf16": gated_linear_attention(BF16),
+    "gmm_f32": grouped_matmul(F32),
+    "gmm_bf16": grouped_matmul(BF16),
 }
 
 
-def compile_case(case: KernelCase, program: str, target: Target) -> tuple[jax.stages.Compiled, float]:
+def compile_case(case: KernelCase, program: str, target: Target,
+                 compiler_options: dict | None = None) -> tuple[jax.stages.Compiled, float]:
   """``case``'s forward or gradient lowered and compiled for ``target``'s devices (inputs
-  replicated over them), and the seconds that took."""
+  replicated over them), with XLA ``compiler_options``, and the seconds that took."""
   replicated = NamedSharding(jax.sharding.Mesh(np.array(target.devices), ("d",)), P())
   args = [jax.ShapeDtypeStruct(shape, dtype, sharding=replicated) for shape, dtype in case.inputs]
   start = time.perf_counter()
-  compiled = jax.jit(case.function(program)).lower(*args).compile()
+  compiled = jax.jit(case.function(program)).lower(*args).compile(compiler_options)
   return compiled, time.perf_counter() - start

@@ -46,11 +46,12 @@ def collectives(hlo: str) -> dict[str, int]:
 
 def pallas_kernels(hlo: str) -> dict[str, int]:
   """Pallas kernels compiled into the program (Mosaic TPU or Triton custom calls), by
-  the name their ``pallas_call`` was traced under, and how many calls each has."""
+  the name their ``pallas_call`` was traced under (or the jitted function around an
+  unnamed one, as megablox's), and how many calls each has."""
   kernels: dict[str, int] = {}
   for line in hlo.splitlines():
     if 'custom_call_target="tpu_custom_call"' in line or 'custom_call_target="__gpu$xla.gpu.triton"' in line:
-      match = re.search(r'op_name="[^"]*?([\w.-]+)/pallas_call"', line)
+      match = re.search(r'op_name="[^"]*?([\w.-]+)\)?/pallas_call"', line)
       name = match.group(1) if match else "pallas_call"
       kernels[name] = kernels.get(name, 0) + 1
   return kernels

@@ -336,7 +336,8 @@ def _qwen2_moe_fields(hf: dict[str, Any]) -> dict[str, Any]:
 
 
 def _qwen2_moe_hf(config: ModelConfig) -> dict[str, Any]:
-  n, moe = config.num_layers, [config.ffn_of(i) == "moe" for i in range(n)]
+  n = config.num_layers
+  moe = [config.ffn_of(i) == "moe" for i in range(n)]
   step = next((s for s in range(1, n + 1) if moe == [(i + 1) % s == 0 for i in range(n)]), 1)
   sparse = [(i + 1) % step == 0 for i in range(n)]
   window = config.sliding_window

@@ -15,13 +15,13 @@ from jaxtyping import Array, Float, Int
 # `megablox/__init__.py` rebinds the name `gmm` to the custom_vjp op; the kernels live in the module.
 megablox = importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
 
-ROW_TILE, COLUMN_TILE = 512, 1024  # MaxText's default megablox tiles for model widths
+ROW_TILE = 512  # MaxText's default megablox tiles for model widths: 512 x 1024 x 1024
 
 
-def _column_tile(dim: int) -> int:
-  """The largest of 1024, 512, 256, 128 dividing ``dim`` (Mosaic blocks span multiples
-  of 128 lanes), else the whole dimension."""
-  for tile in (COLUMN_TILE, 512, 256, 128):
+def _column_tile(dim: int, largest: int = 1024) -> int:
+  """The largest of ``largest``, 512, 256, 128 dividing ``dim`` (Mosaic blocks span
+  multiples of 128 lanes), else the whole dimension."""
+  for tile in (largest, 512, 256, 128):
     if tile <= dim and dim % tile == 0:
       return tile
   return dim
@@ -29,6 +29,12 @@ def _column_tile(dim: int) -> int:
 
 def _row_tile(m: int) -> int:
   return min(ROW_TILE, -(-m // 16) * 16)  # 16 rows: a bf16 sublane tile
+
+
+def _tiles(m: int, k: int, n: int, dtype) -> tuple[int, int, int]:
+  """(tm, tk, tn): fp32 halves the k tile so the double-buffered blocks and the
+  accumulator stay within v5e's 16 MiB of scoped VMEM (12 MiB at 512 x 512 x 1024)."""
+  return _row_tile(m), _column_tile(k, 1024 if jnp.dtype(dtype).itemsize < 4 else 512), _column_tile(n)
 
 
 def _pad_rows(x: jax.Array, tm: int) -> jax.Array:
@@ -48,7 +54,7 @@ def gmm(
   tm = _row_tile(m)
   out = megablox.gmm(
       _pad_rows(lhs, tm), rhs, group_sizes.astype(jnp.int32), jnp.dtype(out_dtype),
-      (tm, _column_tile(k), _column_tile(n)), transpose_rhs=transpose_rhs, interpret=interpret)
+      _tiles(m, k, n, lhs.dtype), transpose_rhs=transpose_rhs, interpret=interpret)
   return jnp.where(_grouped_rows(m, group_sizes), out[:m], 0).astype(out_dtype)
 
 
@@ -60,4 +66,4 @@ def tgmm(
   tm = _row_tile(m)
   return megablox.tgmm(
       _pad_rows(lhs, tm).T, _pad_rows(grad, tm), group_sizes.astype(jnp.int32), jnp.dtype(out_dtype),
-      (tm, _column_tile(k), _column_tile(grad.shape[1])), interpret=interpret)
+      _tiles(m, k, grad.shape[1], lhs.dtype), interpret=interpret)

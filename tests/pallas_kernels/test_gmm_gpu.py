@@ -142,20 +142,3 @@ def test_blocks_must_be_powers_of_two():
   lhs, rhs, _, sizes, _ = case_inputs("all_empty", jnp.float32)
   with pytest.raises(ValueError, match="block_n=48"):
     gmm(lhs, rhs, sizes, launch=Launch(block_n=48), interpret=True)
-
-
-def test_both_kernels_lower_for_cuda():
-  """Triton lowering of gmm (both layouts of rhs) and tgmm at MoE-layer shapes, bf16."""
-  m, k, n, g = 4096, 1024, 2048, 8
-  shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)  # noqa: E731
-  sizes = jax.ShapeDtypeStruct((g,), jnp.int32)
-  disabled = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-  programs = {
-      "gmm": (gmm, (shape(m, k), shape(g, k, n), sizes)),
-      "gmm_transposed": (lambda x, w, s: gmm(x, w, s, transpose_rhs=True),
-                         (shape(m, k), shape(g, n, k), sizes)),
-      "tgmm": (tgmm, (shape(m, k), shape(m, n), sizes)),
-  }
-  for name, (fn, args) in programs.items():
-    exported = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=disabled)(*args)
-    assert "__gpu$xla.gpu.triton" in exported.mlir_module(), name
