@@ -20,7 +20,7 @@ from jaxlab.aot.targets import Target
 from jaxlab.sharding import use_mesh
 from jaxlab.train.build import RunSetup
 
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "ragged-all-to-all", "collective-permute")
 MEMORY_KNOBS = (
     "To lower the memory per device: recompute activations (--config.model.remat=full, or "
     "save_dots), shard the state over more devices (--config.sharding.strategy=fsdp with a larger "

@@ -20,13 +20,25 @@ PEAK_BF16_FLOPS = {
 }
 
 
-def matmul_params(params: Any, tie_embeddings: bool) -> int:
-  """Parameters used in matrix multiplies: every matrix except a lookup-only
-  (untied) input embedding."""
-  total = 0
+def active_expert_fraction(config: ModelConfig) -> float:
+  """The fraction of a MoE layer's routed experts a token uses: k / E for the
+  token-choice routers; capacity_factor · k / E (the mean) for expert choice."""
+  c = config
+  per_token = c.moe_top_k * (c.moe_capacity_factor if c.moe_router == "expert_choice" else 1.0)
+  return min(1.0, per_token / c.moe_num_experts)
+
+
+def matmul_params(params: Any, tie_embeddings: bool, expert_fraction: float = 1.0) -> float:
+  """Parameters a token uses in matrix multiplies: every matrix except a lookup-only
+  (untied) input embedding, routed experts (under ``experts``) counted by the fraction
+  of them a token uses; the router and shared experts count whole."""
+  total = 0.0
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     keys = jax.tree_util.keystr(path)
     if leaf.ndim < 2 or ("embed" in keys and "table" in keys and not tie_embeddings):
+      continue
+    if "'experts'" in keys:
+      total += expert_fraction * math.prod(leaf.shape)
       continue
     total += math.prod(leaf.shape)
   return total
@@ -56,10 +68,11 @@ def mixer_forward_flops(config: ModelConfig, mixer: str, seq_len: int) -> float:
 
 
 def train_flops_per_token(params: Any, config: ModelConfig, seq_len: int) -> float:
-  """6 · N_matmul + 3 × each layer's mixer FLOPs (forward + backward; Kaplan et al.
+  """6 · N_active + 3 × each layer's mixer FLOPs (forward + backward; Kaplan et al.
   2020, PaLM appendix B)."""
   mixers = sum(mixer_forward_flops(config, config.mixer_of(i), seq_len) for i in range(config.num_layers))
-  return 6 * matmul_params(params, config.tie_embeddings) + 3 * mixers
+  active = matmul_params(params, config.tie_embeddings, active_expert_fraction(config))
+  return 6 * active + 3 * mixers
 
 
 def measure_matmul_flops(size: int = 2048, repeats: int = 5) -> float:

@@ -57,13 +57,16 @@ def output_and_grads(product, lhs, rhs, sizes, dout):
   return (out, *vjp(dout))
 
 
-@pytest.mark.parametrize("implementation", sorted(IMPLEMENTATIONS))
-@pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("transpose_rhs", [False, True], ids=["rhs", "rhs_t"])
+# jax's ragged_dot (slow on CPU) on two cases only
+MATRIX = [(i, c, d, t) for i in sorted(IMPLEMENTATIONS) for c in sorted(CASES) for d in ("f32", "bf16")
+          for t in (False, True) if i != "ragged_dot" or (c == "unused_trailing_rows" and not t)]
+
+
+@pytest.mark.parametrize("implementation, case, dtype, transpose_rhs", MATRIX)
 def test_output_and_gradients_match_reference(implementation, case, dtype, transpose_rhs):
   m, k, n, sizes = CASES[case]
   sizes = jnp.asarray(sizes, jnp.int32)
+  dtype = {"f32": jnp.float32, "bf16": jnp.bfloat16}[dtype]
   lhs, rhs, dout = inputs(case, m, k, n, len(sizes), dtype, transpose_rhs)
   lhs = with_nan_past(lhs, int(sizes.sum()))
   options = dict(transpose_rhs=transpose_rhs)

@@ -35,6 +35,23 @@ def test_recurrent_mixers_add_their_scan_flops():
         6 * matmul_params(params, False) + 3 * 2 * scan)
 
 
+@pytest.mark.parametrize("router, per_token", [("topk", 2), ("expert_choice", 2 * 1.5)])
+def test_moe_counts_only_the_active_experts(router, per_token):
+  """k routed experts (expert choice: capacity_factor · k on average), the shared expert
+  and the router per token; the dense layers whole."""
+  config = ModelConfig(vocab_size=100, d_model=32, num_layers=2, num_heads=4, mlp_dim=64, ffns=("mlp", "moe"),
+                       moe_num_experts=8, moe_top_k=2, moe_expert_dim=16, moe_shared_experts=1,
+                       moe_router=router, moe_capacity_factor=1.5)
+  params = nnx.state(Transformer(config, rngs=nnx.Rngs(0)), nnx.Param)
+  d = 32
+  attention = 4 * d * d
+  dense_ffn, expert, shared, router_params = 3 * d * 64, 3 * d * 16, 3 * d * 16, d * 8
+  want = 2 * attention + dense_ffn + per_token * expert + shared + router_params + 100 * d
+  assert matmul_params(params, False, per_token / 8) == pytest.approx(want)
+  attention_scores = 4 * 4 * 8 * (1 + 1) / 2  # per layer at t = 1: 4 · heads · head_dim · (t + 1) / 2
+  assert train_flops_per_token(params, config, 1) == pytest.approx(6 * want + 3 * 2 * attention_scores)
+
+
 def test_cpu_peak_is_measured_and_plausible():
   peak = peak_flops(jax.devices()[:1])
   assert 1e8 < peak < 1e14 and math.isfinite(peak)

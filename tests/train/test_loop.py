@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -257,3 +258,27 @@ def test_mqar_trains_through_the_same_interface(tiny_config, tmp_path):
   summary = train_and_report(tiny_config, tmp_path)
   assert 0 <= summary["eval/accuracy"] <= 1
   assert not (tmp_path / "samples.txt").exists()  # MQAR tokens are not text
+
+
+def test_moe_run_logs_router_metrics_and_resumes_its_balancing_bias_exactly(tiny_config, tmp_path):
+  """The sigmoid router's bias is non-parameter state that the train step updates: it is
+  checkpointed and restored, so a run resumed halfway ends where an uninterrupted one does."""
+  tiny_config.model.update(ffns=("mlp", "moe"), moe_num_experts=4, moe_expert_dim=32, moe_router="sigmoid")
+  tiny_config.train.update(steps=4, checkpoint_every=2, eval_every=4, num_samples=0)
+  whole = Trainer(tiny_config, tmp_path / "whole")
+  whole.run()
+  records = [r for r in read_metrics(tmp_path / "whole" / "metrics.jsonl") if "train/loss" in r]
+  for key in ("weighted_aux_loss", "weighted_z_loss", "aux_loss", "z_loss", "router_entropy", "dropped_fraction",
+              "expert_load"):
+    suffix = "/max_over_mean" if key == "expert_load" else ""
+    assert all(np.isfinite(r[f"train/ffn/{key}/layer_1{suffix}"]) for r in records), key
+  loads = [records[-1][f"train/ffn/expert_load/layer_1/{e}"] for e in range(4)]
+  assert sum(loads) == pytest.approx(1.0, rel=1e-5)
+  shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+  shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "4")  # as if stopped after step 2's checkpoint
+  resumed = Trainer(tiny_config, tmp_path / "resumed")
+  resumed.run()
+  assert losses(tmp_path / "resumed") == losses(tmp_path / "whole")
+  bias = lambda t: np.asarray(jax.device_get(t.state.model_state["blocks"][1]["ffn"]["router"]["bias"][...]))  # noqa: E731
+  np.testing.assert_array_equal(bias(resumed), bias(whole))
+  assert np.any(bias(whole) != 0)
