@@ -48,10 +48,6 @@ from jaxlab.sharding.context import mesh_axes_of
 from jaxlab.sharding.rules import spec_size
 from pallas_kernels.gmm.ops import gmm
 
-GMM_IMPLEMENTATIONS = {"auto": None, "xla": "xla", "ragged_dot": "ragged_dot", "pallas": "pallas",
-                       "pallas_interpret": "pallas_interpret", "reference": "reference"}
-
-
 class RouterBias(nnx.Variable):
   """DeepSeek-V3's balancing bias: shifts which experts are chosen, never the gates;
   moved by the train step from the measured load, not by the gradient."""
@@ -114,7 +110,7 @@ class Experts(nnx.Module):
     self.gate = logical_param(normal((e, d, f)), ("expert", "embed", "mlp")) if config.mlp_activation == "swiglu" else None
     self.up = logical_param(normal((e, d, f)), ("expert", "embed", "mlp"))
     self.down = logical_param(normal((e, f, d)), ("expert", "mlp", "embed"))
-    self.gmm_impl = GMM_IMPLEMENTATIONS[config.moe_gmm_impl]
+    self.gmm_impl = None if config.moe_gmm_impl == "auto" else config.moe_gmm_impl  # None: per platform
 
   def weights(self, dtype) -> tuple[jax.Array | None, jax.Array, jax.Array]:
     cast = lambda w: None if w is None else w[...].astype(dtype)  # noqa: E731
@@ -320,6 +316,8 @@ def _local_tokens(fn, num_outputs: int, x, ffn_weights, implementation, *routing
     return fn(x, ExpertFFN(ffn_weights, implementation), *routing)
   P = jax.sharding.PartitionSpec
   batch, expert, mlp = mesh_axes_of("batch"), mesh_axes_of("expert"), mesh_axes_of("mlp")
+  if x.shape[0] % spec_size(P(batch), dict(mesh.shape))[0]:
+    batch = None  # too few sequences to split (decoding a few prompts): every device takes all
   shards = spec_size(P(expert), dict(mesh.shape))[0]
   gate, up, down = ffn_weights
   hidden = P(expert, None, mlp)

@@ -59,18 +59,19 @@ def test_sharded_layer_equals_one_device(mesh, strategy, dispatch):
   assert shard[0] == 8 // mesh.get("expert", 1) and shard[2] == 48 // mesh.get("tensor", 1)
 
 
-def _configure(config, mesh, strategy):
+def _configure(config, mesh, strategy, num_samples=0):
   config.model.update(ffns=("mlp", "moe"), moe_num_experts=4, moe_expert_dim=32, moe_router="sigmoid")
   config.sharding.strategy = strategy
   config.mesh = mesh
-  config.train.update(steps=3, eval_every=3, checkpoint_every=3, num_samples=0)
+  config.train.update(steps=3, eval_every=3, checkpoint_every=3, num_samples=num_samples)
   return config
 
 
 def test_moe_lm_on_a_2x2x2_mesh_matches_one_device(tiny_config, tmp_path):
+  # 2 sample prompts do not split over the 4 batch shards: the MoE layers take them whole
   sharded = Trainer(_configure(tiny_config.copy_and_resolve_references(), dict(fsdp=2, tensor=2, expert=2),
-                               "fsdp_tp_ep"), tmp_path / "sharded")
-  sharded.run()
+                               "fsdp_tp_ep", num_samples=2), tmp_path / "sharded")
+  sharded.write_report(sharded.run())  # the report generates from the sample prompts
   single = Trainer(_configure(tiny_config.copy_and_resolve_references(), dict(data=1), "fsdp"),
                    tmp_path / "single", devices=jax.devices()[:1])
   single.run()
@@ -82,6 +83,7 @@ def test_moe_lm_on_a_2x2x2_mesh_matches_one_device(tiny_config, tmp_path):
                               atol=1e-5, rtol=1e-5)
   chex.assert_trees_all_close(jax.device_get(sharded.state.model_state),
                               jax.device_get(single.state.model_state), atol=1e-6)
+  assert (tmp_path / "sharded" / "samples.txt").read_text().count("--- continuation ---") == 2
 
 
 @pytest.mark.parametrize("mesh, strategy, fields, message", [
