@@ -143,10 +143,10 @@ def test_a_saved_train_step_loads_and_trains_as_the_jitted_one(tiny_config, tmp_
 @pytest.mark.slow
 @pytest.mark.parametrize("target_name", ["v5e-8", "h100x8"])
 def test_expert_parallel_moe_train_step_compiles(target_name, experiment_config):
-  """moe_small (2 of its layers) with its 8 experts split 4 ways and FSDP over 2: the
+  """moe_small (one of its layers) with its 8 experts split 4 ways and FSDP over 2: the
   grouped-matmul kernels and the ragged token exchange are in the compiled train step."""
   config = experiment_config("moe_small")
-  config.model.num_layers = 2
+  config.model.num_layers = 1
   config.sharding.strategy = "fsdp_ep"
   config.mesh = dict(data=1, fsdp=2, tensor=1, expert=4)
   target = get_target(target_name)
@@ -154,6 +154,6 @@ def test_expert_parallel_moe_train_step_compiles(target_name, experiment_config)
   _, report = compile_run(setup, target)
   train = report["steps"]["train_step"]
   assert {"gmm", "tgmm"} <= _kernel_names(train), train["pallas_kernels"]
-  assert train["collectives"]["ragged-all-to-all"] >= 2 * 2  # there and back in each layer
+  assert train["collectives"]["ragged-all-to-all"] >= 2  # there and back
   expert_weights = setup.abstract_state().params["blocks"][0]["ffn"]["experts"]["up"]
   assert expert_weights.sharding.spec[0] == "expert"

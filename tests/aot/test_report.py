@@ -21,6 +21,8 @@ HLO = """
   %all-gather.3 = f32[8]{0} all-gather(f32[4]{0} %y), dimensions={0}
   %flash_attention_fwd.2 = (f32[2,4]{1,0}) custom-call(%a), custom_call_target="tpu_custom_call", metadata={op_name="jit(train_step)/shard_map/flash_attention_fwd/pallas_call" stack_frame_id=56}
   %pallas_call.28 = (f32[8]{0}) custom-call(%b), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(train_step)/cond/branch_0_fun/flash_attention_dq/pallas_call" scheduling_name="pallas_call.28"}
+  %gmm.1 = f32[64,32]{1,0} custom-call(%c), custom_call_target="tpu_custom_call", metadata={op_name="jit(train_step)/shard_map/jit(gmm)/pallas_call" stack_frame_id=89}
+  %ragged-all-to-all.3 = f32[64,32]{1,0} ragged-all-to-all(f32[16,32]{1,0} %d, f32[64,32]{1,0} %e, s32[4]{0} %f, s32[4]{0} %g, s32[4]{0} %h, s32[4]{0} %i), replica_groups={{0,1,2,3}}
   %custom-call.3 = s32[1024]{0} custom-call(%c), custom_call_target="AssumeGatherIndicesInBound"
 """
 
@@ -35,5 +37,5 @@ def test_ptxas_numbers_per_kernel():
 
 def test_collectives_count_async_pairs_once_and_kernels_by_name():
   assert collectives(HLO) == {"all-reduce": 1, "all-gather": 1, "reduce-scatter": 0, "all-to-all": 0,
-                              "collective-permute": 0}
-  assert pallas_kernels(HLO) == {"flash_attention_fwd": 1, "flash_attention_dq": 1}
+                              "ragged-all-to-all": 1, "collective-permute": 0}
+  assert pallas_kernels(HLO) == {"flash_attention_fwd": 1, "flash_attention_dq": 1, "gmm": 1}  # megablox: unnamed

@@ -164,7 +164,7 @@ def test_bf16_compute_gives_finite_gradients_close_to_fp32(name):
   batch = {"inputs": t[:, :-1], "targets": t[:, 1:], "weights": jnp.ones((2, 16))}
 
   def loss(params, dtype):
-    return weighted_cross_entropy(_forward(graphdef, params, rest, batch, dtype), batch)[0] / 32
+    return weighted_cross_entropy(_forward(graphdef, params, rest, batch, dtype, None)[0], batch)[0] / 32
 
   loss16, grads16 = jax.value_and_grad(loss)(params, jnp.bfloat16)
   loss32 = loss(params, jnp.float32)

@@ -27,8 +27,9 @@ def target(name: str):
 
 
 # On GPUs the suite compiles SSD and GLA in bf16 only (their fp32 gradients add another
-# 35-45 s each); experiments/benchmarks/kernel_compile_report.py compiles both dtypes.
-GPU_SKIPS_FP32 = {"ssd_f32", "gla_f32"}
+# 35-45 s each); experiments/benchmarks/kernel_compile_report.py compiles both dtypes. The
+# gmm kernels' GPU programs compile in test_gmm_lowering.py, with register spills as errors.
+GPU_SKIPS_FP32 = {"ssd_f32", "gla_f32", "gmm_f32", "gmm_bf16"}
 
 
 @pytest.mark.parametrize("target_name, case, program", [

@@ -57,9 +57,10 @@ def output_and_grads(product, lhs, rhs, sizes, dout):
   return (out, *vjp(dout))
 
 
-# jax's ragged_dot (slow on CPU) on two cases only
+# the transposed rhs in fp32; jax's ragged_dot (slow on CPU) on one case
 MATRIX = [(i, c, d, t) for i in sorted(IMPLEMENTATIONS) for c in sorted(CASES) for d in ("f32", "bf16")
-          for t in (False, True) if i != "ragged_dot" or (c == "unused_trailing_rows" and not t)]
+          for t in (False, True) if (d == "f32" or not t)
+          and (i != "ragged_dot" or (c == "unused_trailing_rows" and not t))]
 
 
 @pytest.mark.parametrize("implementation, case, dtype, transpose_rhs", MATRIX)
