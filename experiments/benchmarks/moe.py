@@ -12,7 +12,6 @@ backward pass gets a random cotangent, as in training. The target for the defaul
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -20,21 +19,15 @@ from pathlib import Path
 import jax
 from absl import app, flags
 from flax import nnx
+from moe_case import DENSE, SHAPE, inputs, make_layer
 from timing import forward_backward
 
-from jaxlab.nn import ModelConfig
-from jaxlab.nn.mlp import MLP
-from jaxlab.nn.moe import MoE
 
 _OUT = flags.DEFINE_string("out", str(Path(__file__).resolve().parent / "results"), "Output folder.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per variant (best is kept).")
 
-SHAPE = dict(batch=8, seq_len=1024, d_model=512, expert_dim=1024, experts=8, top_k=2)
-CONFIG = ModelConfig(d_model=SHAPE["d_model"], num_heads=8, ffns=("moe",), moe_num_experts=SHAPE["experts"],
-                     moe_top_k=SHAPE["top_k"], moe_expert_dim=SHAPE["expert_dim"],
-                     mlp_dim=SHAPE["top_k"] * SHAPE["expert_dim"])
 VARIANTS = {
-    "dense SwiGLU (equal active FLOPs)": None,
+    DENSE: None,
     "moe dropless, xla gmm": dict(moe_dispatch="dropless", moe_gmm_impl="xla"),
     "moe dropless, ragged_dot": dict(moe_dispatch="dropless", moe_gmm_impl="ragged_dot"),
     "moe capacity 1.25": dict(moe_dispatch="capacity", moe_capacity_factor=1.25),
@@ -43,17 +36,9 @@ VARIANTS = {
 
 def step(overrides):
   """The layer's jitted forward + backward in its parameters and input."""
-  if overrides is None:
-    layer = MLP(CONFIG, layer=0, rngs=nnx.Rngs(0))
-  else:
-    layer = MoE(dataclasses.replace(CONFIG, **overrides), layer=0, rngs=nnx.Rngs(0))
-  graphdef, params = nnx.split(layer)
+  graphdef, params = nnx.split(make_layer(overrides))
   fn = forward_backward(lambda p, x: nnx.merge(graphdef, p)(x), params, inputs())
   return lambda x: fn(params, x)
-
-
-def inputs():
-  return jax.random.normal(jax.random.key(1), (SHAPE["batch"], SHAPE["seq_len"], SHAPE["d_model"]))
 
 
 def main(_):
@@ -67,7 +52,7 @@ def main(_):
       start = time.perf_counter()
       jax.block_until_ready(fn(x))
       best[name] = min(best[name], time.perf_counter() - start)
-  dense = best["dense SwiGLU (equal active FLOPs)"]
+  dense = best[DENSE]
   rows = [{"variant": name, "seconds": s, "ratio_to_dense": s / dense} for name, s in best.items()]
   print(f"{'variant':38s} {'fwd+bwd s':>10s} {'÷ dense':>8s}")
   for row in rows:

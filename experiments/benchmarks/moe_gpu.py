@@ -11,7 +11,6 @@ Prints the table and writes moe_gpu.json to --out.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -20,22 +19,16 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from flax import nnx
+from moe_case import DENSE, SHAPE, inputs, make_layer
 from timing import forward_backward, median_seconds
 
-from jaxlab.nn import ModelConfig
-from jaxlab.nn.mlp import MLP
-from jaxlab.nn.moe import MoE
 from pallas_kernels.gmm.ops import gmm
 from pallas_kernels.gmm.reference import gmm_reference
 
 _OUT = flags.DEFINE_string("out", str(Path(__file__).resolve().parent / "results"), "Output folder.")
 
-SHAPE = dict(batch=8, seq_len=1024, d_model=512, expert_dim=1024, experts=8, top_k=2)
-CONFIG = ModelConfig(d_model=SHAPE["d_model"], num_heads=8, ffns=("moe",), moe_num_experts=SHAPE["experts"],
-                     moe_top_k=SHAPE["top_k"], moe_expert_dim=SHAPE["expert_dim"],
-                     mlp_dim=SHAPE["top_k"] * SHAPE["expert_dim"])
 VARIANTS = {
-    "dense SwiGLU (equal active FLOPs)": None,
+    DENSE: None,
     "moe dropless, pallas gmm": dict(moe_dispatch="dropless", moe_gmm_impl="pallas"),
     "moe dropless, ragged_dot": dict(moe_dispatch="dropless", moe_gmm_impl="ragged_dot"),
     "moe dropless, xla gmm": dict(moe_dispatch="dropless", moe_gmm_impl="xla"),
@@ -61,18 +54,10 @@ def check_against_reference() -> dict:
 
 
 def step(overrides):
-  if overrides is None:
-    layer = MLP(CONFIG, layer=0, rngs=nnx.Rngs(0))
-  else:
-    layer = MoE(dataclasses.replace(CONFIG, **overrides), layer=0, rngs=nnx.Rngs(0))
-  graphdef, params = nnx.split(layer)
+  graphdef, params = nnx.split(make_layer(overrides))
   x = inputs()
   fn = forward_backward(lambda p, x: nnx.merge(graphdef, p)(x.astype(jnp.bfloat16)), params, x)
   return lambda x: fn(params, x)
-
-
-def inputs():
-  return jax.random.normal(jax.random.key(1), (SHAPE["batch"], SHAPE["seq_len"], SHAPE["d_model"]))
 
 
 def main(_):

@@ -174,8 +174,8 @@ def exchange_padded(
   padded = (block % m >= jnp.sum(counts, axis=1)[block // m])  # rows past a source's chunk
   ys = _run_local(local_ffn, received, block // m, jnp.where(padded, m, block % m), counts)
   back = jax.lax.all_to_all(ys.reshape(shards, m, d), axes, 0, 0, tiled=True)
-  shard_of = jnp.sum(rows[:, None] >= shard_ends[None, :], axis=-1)
-  return back[jnp.minimum(shard_of, shards - 1), rows - shard_starts[jnp.minimum(shard_of, shards - 1)]]
+  shard_of = jnp.minimum(jnp.sum(rows[:, None] >= shard_ends[None, :], axis=-1), shards - 1)
+  return back[shard_of, rows - shard_starts[shard_of]]
 
 
 def exchange_ragged(
