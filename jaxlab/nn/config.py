@@ -18,7 +18,10 @@ ATTENTION_GATES = (None, "elementwise", "headwise")
 SSM_IMPLS = ("auto", "sequential", "associative", "xla", "pallas", "pallas_interpret")
 POLARIZATIONS = (None, "both", "one", "zero")
 S4D_INITS = ("lin", "inv", "real")
-MOE_ROUTERS = ("topk", "sigmoid", "expert_choice")
+MOE_ROUTERS = ("topk", "sigmoid", "expert_choice", "dense_to_sparse")
+MOE_DTS_GATES = ("gumbel", "activation")
+MOE_DTS_ACTIVATIONS = ("identity", "tanh", "sigmoid", "gelu")
+MOE_DTS_SCHEDULES = ("linear", "cosine")
 MOE_GATE_ORDERS = ("softmax_topk", "topk_softmax")
 MOE_DISPATCHES = ("dropless", "capacity")
 MOE_GMM_IMPLS = ("auto", "xla", "ragged_dot", "pallas", "pallas_interpret", "reference")
@@ -79,7 +82,7 @@ class ModelConfig:
   moe_expert_dim: int | None = None  # each expert's hidden width; None: mlp_dim
   moe_shared_experts: int = 0  # experts every token uses (DeepSeek-MoE), one MLP of their total width
   moe_shared_gate: bool = False  # a sigmoid gate on the shared experts' output (Qwen-MoE)
-  moe_router: str = "topk"  # topk | sigmoid (DeepSeek-V3, bias-balanced) | expert_choice (Zhou et al.)
+  moe_router: str = "topk"  # topk | sigmoid (DeepSeek-V3) | expert_choice (Zhou et al.) | dense_to_sparse
   moe_gate_order: str = "softmax_topk"  # softmax over all experts, then top-k | topk_softmax
   moe_renormalize: bool = True  # gates of the k chosen experts sum to 1 (Mixtral)
   moe_dispatch: str = "dropless"  # dropless (sorted grouped matmuls) | capacity (GShard)
@@ -89,6 +92,15 @@ class ModelConfig:
   moe_jitter: float = 0.0  # multiplicative router-input noise U(1 - eps, 1 + eps) in training
   moe_bias_update_rate: float = 1e-3  # sigmoid router: DeepSeek-V3's balancing-bias step
   moe_gmm_impl: str = "auto"  # grouped matmul: auto | xla | ragged_dot | pallas | pallas_interpret | reference
+  # dense-to-sparse routers (moe_router="dense_to_sparse"; jaxlab/nn/dense_to_sparse.py)
+  moe_dts_gate: str = "gumbel"  # gumbel (EvoMoE, Nie et al.) | activation (Nguyen et al. 2024)
+  moe_dts_activation: str = "tanh"  # the activation gate's σ: identity | tanh | sigmoid | gelu
+  moe_dts_max_temperature: float = 2.0  # EvoMoE's WMT settings: 2.0 -> 0.5 over 5k steps, hard at 6k
+  moe_dts_min_temperature: float = 0.5
+  moe_dts_decay_steps: int = 5000
+  moe_dts_schedule: str = "linear"  # linear | cosine
+  moe_dts_switch_step: int = 6000  # from this step on only the top-k gates are kept
+  moe_dts_threshold: float = 0.02  # gates at or under it are masked (EvoMoE's GUMBEL_THRESHOLD)
   # norms, embeddings, init
   norm: str = "rmsnorm"
   norm_eps: float = 1e-5
@@ -202,6 +214,24 @@ class ModelConfig:
       raise ValueError(f"model.moe_jitter={self.moe_jitter} must be in [0, 1) (Switch uses 0.01).")
     if self.moe_shared_gate and not self.moe_shared_experts:
       raise ValueError("model.moe_shared_gate=True gates shared experts, but model.moe_shared_experts=0.")
+    if self.moe_router == "dense_to_sparse":
+      self._check_dense_to_sparse()
+
+  def _check_dense_to_sparse(self) -> None:
+    _check_choice(self, "moe_dts_gate", MOE_DTS_GATES)
+    _check_choice(self, "moe_dts_activation", MOE_DTS_ACTIVATIONS)
+    _check_choice(self, "moe_dts_schedule", MOE_DTS_SCHEDULES)
+    _check_positive(self, "moe_dts_decay_steps")
+    checks.nonnegative_int("model.moe_dts_switch_step", self.moe_dts_switch_step)
+    if not 0 < self.moe_dts_min_temperature <= self.moe_dts_max_temperature:
+      raise ValueError(f"need 0 < model.moe_dts_min_temperature ({self.moe_dts_min_temperature}) <= "
+                       f"model.moe_dts_max_temperature ({self.moe_dts_max_temperature}).")
+    if not 0 <= self.moe_dts_threshold < 1:
+      raise ValueError(f"model.moe_dts_threshold={self.moe_dts_threshold} must be in [0, 1) (EvoMoE: 0.02).")
+    if self.moe_dispatch != "dropless":
+      raise ValueError(f"model.moe_router='dense_to_sparse' weights every expert before its switch step, "
+                       f"which a capacity cannot hold; set model.moe_dispatch='dropless' (got "
+                       f"{self.moe_dispatch!r}).")
 
   @property
   def expert_dim(self) -> int:

@@ -12,6 +12,10 @@ Routers (``model.moe_router``), scores always in fp32:
   balancing, γ = ``moe_bias_update_rate``), the gates are the scores (renormalized).
 - ``expert_choice`` (Zhou et al. 2022): each expert takes its top-C tokens of a
   sequence. It sees the whole sequence, so it cannot decode token by token.
+- ``dense_to_sparse``: EvoMoE's Gumbel gate or the activation gate of Nguyen et al. 2024
+  (`jaxlab.nn.dense_to_sparse`): every expert weighted by a temperature softmax in
+  training until ``moe_dts_switch_step``, then the top k; outside training always the
+  top k of the noiseless gate. The router counts its training steps (``GateStep``).
 
 Dispatch (``model.moe_dispatch``) for the token-choice routers:
 - ``dropless``: sort the token copies by expert, grouped matmuls (`pallas_kernels.gmm`),
@@ -25,7 +29,8 @@ Reports (`jaxlab.nn.reports`), per sequence and summed over the batch: the Switc
 load-balancing loss ``E Σ_i f_i P_i`` (f_i the fraction of the sequence's token copies
 routed to expert i, P_i its mean router probability) and the ST-MoE z-loss
 ``mean_t logsumexp(logits_t)²``, each times its weight; metrics ``expert_load`` (f),
-``dropped_fraction`` and ``router_entropy``.
+``dropped_fraction`` and ``router_entropy``; for dense-to-sparse routers also
+``temperature`` and ``active_experts`` (experts with a nonzero gate per token).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from jaxlab.nn import dense_to_sparse as dts
 from jaxlab.nn.config import ModelConfig
 from jaxlab.nn.linear import Linear, broadcast_leading, logical_param
 from jaxlab.nn.mlp import MLP
@@ -51,6 +57,11 @@ from pallas_kernels.gmm.ops import gmm
 class RouterBias(nnx.Variable):
   """DeepSeek-V3's balancing bias: shifts which experts are chosen, never the gates;
   moved by the train step from the measured load, not by the gradient."""
+
+
+class GateStep(nnx.Variable):
+  """The training steps a dense-to-sparse router has taken: the clock of its temperature
+  and switch step, advanced by the train step and kept in checkpoints."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +82,7 @@ class Router(nnx.Module):
     self.kernel = logical_param(jax.random.normal(rngs.params(), (d, e), jnp.float32) * config.init_std,
                                 ("embed", None))
     self.bias = RouterBias(jnp.zeros((e,), jnp.float32)) if config.moe_router == "sigmoid" else None
+    self.step = GateStep(jnp.zeros((), jnp.int32)) if config.moe_router == "dense_to_sparse" else None
     self.config, self.layer = config, layer
 
   def logits(self, x_BxTxD: jax.Array) -> Float[Array, "b t e"]:
@@ -98,6 +110,19 @@ class Router(nnx.Module):
     if c.moe_renormalize:
       weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return Routing(experts, weights, probs)
+
+  def dense_to_sparse(self, logits: Float[Array, "b t e"]) -> tuple[Routing, Float[Array, "b t e"], jax.Array,
+                                                                    jax.Array]:
+    """The top-k routing of the thresholded gate, the thresholded gate over all experts,
+    the temperature, and whether only the top k count (the switch step is reached, or
+    this is not training)."""
+    c, key = self.config, training_rng(self.layer)
+    tau = dts.temperature(c, self.step[...])
+    noise = None if key is None else jax.random.fold_in(key, 1)
+    gates = dts.thresholded(c, dts.gate_probabilities(c, logits, tau, noise))
+    weights, experts = jax.lax.top_k(gates, c.moe_top_k)
+    sparse = jnp.asarray(True) if key is None else self.step[...] >= c.moe_dts_switch_step
+    return Routing(experts, weights, jax.nn.softmax(logits, axis=-1)), gates, tau, sparse
 
 
 class Experts(nnx.Module):
@@ -252,6 +277,17 @@ def dropless(
   return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights).astype(x.dtype)
 
 
+def dense_mixture(x: Float[Array, "n d"], gates: Float[Array, "n e"], ffn: ExpertFFN) -> Float[Array, "n d"]:
+  """Every expert on every token, weighted by its gate: Σ_e g_e FFN_e(x)."""
+  ys = ffn.batched(jnp.broadcast_to(x[None], (gates.shape[-1], *x.shape)))
+  return jnp.einsum("end,ne->nd", ys.astype(jnp.float32), gates).astype(x.dtype)
+
+
+def copies_per_expert(experts: Int[Array, "b t k"], num_experts: int) -> Float[Array, "b t e"]:
+  """How many of each token's copies go to each expert."""
+  return jnp.sum(jax.nn.one_hot(experts, num_experts, dtype=jnp.float32), axis=-2)
+
+
 def capacity_of(config: ModelConfig, seq_len: int) -> int:
   """Token copies an expert takes per sequence: ceil(capacity_factor · k · t / E), at most t."""
   c = config
@@ -357,6 +393,20 @@ class MoE(nnx.Module):
       (y,) = _local_tokens(lambda x, ffn, p: (expert_choice(x, p, ffn, capacity_of(c, t)),), 1,
                            x_BxTxD, ffn_weights, impl, probs)
       self._report_router(logits, probs, None, None)
+    elif c.moe_router == "dense_to_sparse":
+      routing, gates, tau, sparse = self.router.dense_to_sparse(logits)
+
+      def fn(x, ffn, experts, weights, gates, sparse):
+        flat = lambda a: a.reshape(x.shape[0] * x.shape[1], -1)  # noqa: E731
+        top_k = lambda: dropless(flat(x), flat(experts), flat(weights), ffn, c.moe_num_experts)  # noqa: E731
+        return (jax.lax.cond(sparse[0], top_k, lambda: dense_mixture(flat(x), flat(gates), ffn)).reshape(x.shape),)
+
+      (y,) = _local_tokens(fn, 1, x_BxTxD, ffn_weights, impl, routing.experts, routing.weights, gates,
+                           jnp.broadcast_to(sparse, (b,)))
+      chosen = copies_per_expert(routing.experts, c.moe_num_experts) * (gates > 0)
+      self._report_router(logits, routing.probs, jnp.where(sparse, chosen, (gates > 0).astype(jnp.float32)),
+                          jnp.zeros((b,), jnp.float32))
+      report(self, Metric, "temperature", b * tau)
     else:
       routing = self.router.route(logits)
       if c.moe_dispatch == "dropless":
@@ -369,7 +419,7 @@ class MoE(nnx.Module):
       else:
         fn = lambda x, ffn, e, g: with_capacity(x, e, g, ffn, c.moe_num_experts, capacity_of(c, t))  # noqa: E731
         y, dropped = _local_tokens(fn, 2, x_BxTxD, ffn_weights, impl, routing.experts, routing.weights)
-      self._report_router(logits, routing.probs, routing.experts, dropped)
+      self._report_router(logits, routing.probs, copies_per_expert(routing.experts, c.moe_num_experts), dropped)
     y = shard(y, ("batch", "length", "embed"))
     if self.shared is not None:
       shared = self.shared(x_BxTxD)
@@ -378,12 +428,15 @@ class MoE(nnx.Module):
       y = y + shared
     return y
 
-  def _report_router(self, logits, probs, experts, dropped) -> None:
-    """Per-sequence losses and metrics, summed over the batch (`jaxlab.nn.reports`)."""
+  def _report_router(self, logits, probs, copies: Float[Array, "b t e"] | None, dropped) -> None:
+    """Per-sequence losses and metrics, summed over the batch (`jaxlab.nn.reports`);
+    ``copies`` counts each token's copies per expert (None for expert choice)."""
     c, e = self.config, self.config.moe_num_experts
-    if experts is not None:
-      load = jnp.mean(jax.nn.one_hot(experts, e, dtype=jnp.float32), axis=(1, 2))  # [b, e]: f_i
+    if copies is not None:
+      load = jnp.sum(copies, axis=1) / jnp.maximum(jnp.sum(copies, axis=(1, 2))[:, None], 1.0)  # [b, e]: f_i
       report(self, Metric, "expert_load", jnp.sum(load, axis=0))
+      if c.moe_router == "dense_to_sparse":
+        report(self, Metric, "active_experts", jnp.sum(jnp.mean(jnp.sum(copies, axis=-1), axis=1)))
       report(self, Metric, "dropped_fraction", jnp.sum(dropped))
       aux = e * jnp.sum(load * jnp.mean(probs, axis=1), axis=-1)
       report(self, Metric, "aux_loss", jnp.sum(aux))
@@ -397,8 +450,10 @@ class MoE(nnx.Module):
     report(self, Metric, "router_entropy", jnp.sum(jnp.mean(entropy, axis=1)))
 
   def update_state(self, metrics: dict[str, jax.Array]) -> None:
-    """DeepSeek-V3: b_i += γ · sign(mean load - load_i), from the batch's expert load."""
-    if self.router.bias is None or not self.config.moe_bias_update_rate or "expert_load" not in metrics:
-      return
-    load = metrics["expert_load"]
-    self.router.bias[...] += self.config.moe_bias_update_rate * jnp.sign(jnp.mean(load) - load)
+    """Once per train step: a dense-to-sparse router's clock advances; DeepSeek-V3's bias
+    moves b_i += γ · sign(mean load - load_i), from the batch's expert load."""
+    if self.router.step is not None:
+      self.router.step[...] += 1
+    if self.router.bias is not None and self.config.moe_bias_update_rate and "expert_load" in metrics:
+      load = metrics["expert_load"]
+      self.router.bias[...] += self.config.moe_bias_update_rate * jnp.sign(jnp.mean(load) - load)

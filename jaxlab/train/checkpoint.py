@@ -160,18 +160,17 @@ class Checkpointer:
           "Use the config that wrote it, or a new --workdir to train this config from scratch."
       )
 
-  def restore(self, step: int, target: Any, data_iterator: Any) -> Any:
+  def restore(self, step: int, target: Any, data_iterator: Any | None) -> Any:
     """Restores state into ``target``'s shardings and the iterator in place, verifying
-    both against the step's fingerprint."""
+    both against the step's fingerprint; ``data_iterator=None`` restores the state only
+    (another run's checkpoint, read to start this one)."""
     self.check_compatible(step, target)
     where = self.directory / str(step)
-    args = ocp.args.Composite(
-        state=ocp.args.StandardRestore(target),
-        data=grain.checkpoint.CheckpointRestore(data_iterator),
-        fingerprint=ocp.args.JsonRestore(),
-    )
+    items = dict(state=ocp.args.StandardRestore(target), fingerprint=ocp.args.JsonRestore())
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
-      restored = self.manager.restore(step, args=args)
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:
       raise CorruptCheckpointError(
           f"checkpoint {where} could not be read: {e}\nIt is corrupt, incomplete, or written by "
@@ -186,7 +185,7 @@ class Checkpointer:
           f"checkpoint {where} is corrupt: {len(differ)} of {len(found)} arrays differ from what was "
           f"saved ({listed})."
       )
-    if saved["data"][jax.process_index()] != _data_hash(data_iterator):
+    if data_iterator is not None and saved["data"][jax.process_index()] != _data_hash(data_iterator):
       raise CorruptCheckpointError(f"checkpoint {where} is corrupt: the data iterator position of host "
                                    f"{jax.process_index()} differs from what was saved.")
     return restored["state"]

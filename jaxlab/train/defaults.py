@@ -44,7 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.model = _model_fields()
 
   config.data = dict(
-      source="python_docs",  # python_docs | text | tokens | mqar | addition | passkey
+      source="python_docs",  # python_docs | text | tokens | mqar | addition | passkey | domains
       paths=(),  # files or globs for `text` (UTF-8) and `tokens` (.npy / .bin)
       tokenizer="bytes",  # or the path of a Hugging Face tokenizer.json
       token_dtype="uint16",  # element type of .bin token files
@@ -55,6 +55,14 @@ def base_config() -> ml_collections.ConfigDict:
                 power_a=0.01, random_non_queries=True),
       addition=dict(min_digits=1, max_digits=8, num_train=1_000_000, num_eval=1_000),
       passkey=dict(min_len=32, max_len=128, digits=5, num_train=1_000_000, num_eval=500),
+      # `domains`: named domains in one token space, mixed for training, evaluated one by one
+      # (eval/<name>/loss, ...). A name maps to "builtin" (python_docs: CPython's docs prose,
+      # python_stdlib: the standard library's *.py code, arithmetic: reversed-digit sums as text)
+      # or to a glob (or tuple of globs) of text files. Domain ids follow the sorted names.
+      domains=dict(python_docs="builtin", python_stdlib="builtin", arithmetic="builtin"),
+      domain_weights=dict(),  # name -> weight >= 0 for every domain; empty: equal weights
+      domain_max_bytes=1_000_000,  # UTF-8 bytes kept of each text domain: whole documents, the last one cut
+      arithmetic=dict(min_digits=1, max_digits=5, num_problems=20_000),  # the `arithmetic` domain's lines
   )
   config.optim = dict(
       learning_rate=1e-3, warmup_steps=50, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
@@ -72,6 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
       num_samples=4,  # continuations written to samples.txt at the end (text data)
       sample_tokens=200,  # at most: prompt and continuation stay within data.seq_len
       compiled_train_step=optional(None, str),  # train_step.xla from `python -m jaxlab.compile`
+  )
+  config.init = dict(
+      upcycle_from=optional(None, str),  # a dense run's workdir: its latest checkpoint upcycled into this MoE
   )
   config.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1)
   config.sharding = dict(strategy="fsdp")  # dp | fsdp | fsdp_tp | fsdp_ep | fsdp_tp_ep

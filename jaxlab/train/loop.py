@@ -25,9 +25,10 @@ from jaxlab.train import report
 from jaxlab.train.build import build_run
 from jaxlab.train.checkpoint import Checkpointer, restore_target
 from jaxlab.train.flops import peak_flops, train_flops_per_token
+from jaxlab.train.init import check_init, initial_state
 from jaxlab.train.metrics import MetricsWriter
 from jaxlab.train.preemption import StopRequest
-from jaxlab.train.state import TrainState, create_train_state
+from jaxlab.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -118,14 +119,16 @@ class Trainer:
     self.train_data = data_lib.train_dataset(self.sources.train, config.data.batch_size, config.seed)
     # Raises now, before the checkpoint directory exists, if the validation split is too small.
     data_lib.eval_batches(self.sources.validation, config.data.batch_size, config.train.eval_batches)
+    resuming = any(p.name.isdigit() for p in (self.workdir / "checkpoints").glob("*"))
+    self.source = None if resuming else check_init(config, self.model_config)  # the run this one starts from
     self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=config.train.keep_checkpoints)
 
   def init_state(self) -> TrainState:
-    with use_mesh(self.mesh, self.rules):
-      return create_train_state(self.model_config, self.setup.tx, self.config.seed, self.shardings)
+    return initial_state(self.setup, self.source)
 
   def restore_or_init(self, data_iterator) -> TrainState:
-    """The newest intact checkpoint's state (and data position), else a fresh state."""
+    """The newest intact checkpoint's state (and data position), else the initial state
+    (fresh, or from the run ``init`` names)."""
     target = restore_target(self.abstract, self.shardings)
     step, state = self.checkpointer.restore_newest_intact(target, data_iterator)
     if step is None:
