@@ -7,6 +7,7 @@ from typing import Any
 
 from jaxlab.data import corpora
 from jaxlab.data.config import SOURCES, check_data_config
+from jaxlab.data.domains import DomainMixture, DomainSplit, domain_sources
 from jaxlab.data.pipeline import PackedWindows, eval_batches, split_stream, train_dataset
 from jaxlab.data.synthetic import MQAR, Addition, Passkey
 from jaxlab.data.tokenizers import ByteTokenizer, Tokenizer, make_tokenizer
@@ -15,12 +16,14 @@ from jaxlab.data.tokenizers import ByteTokenizer, Tokenizer, make_tokenizer
 @dataclasses.dataclass
 class DataSources:
   """Random-access train and validation records; ``tokenizer`` is None for synthetic
-  tasks, whose tokens are not text."""
+  tasks, whose tokens are not text. ``domains``: for the ``domains`` source, each
+  domain's train and validation windows by name (in id order); else empty."""
 
   train: Any
   validation: Any
   vocab_size: int
   tokenizer: Tokenizer | None
+  domains: dict[str, DomainSplit] = dataclasses.field(default_factory=dict)
 
 
 def _synthetic(data: Any, seed: int) -> DataSources:
@@ -52,6 +55,9 @@ def make_sources(data: Any, seed: int) -> DataSources:
   if data.source not in SOURCES:
     raise ValueError(f"data.source={data.source!r} is not known; use one of {SOURCES}.")
   tokenizer = make_tokenizer(data.get("tokenizer", "bytes"))
+  if data.source == "domains":
+    train, validation, domains = domain_sources(data, tokenizer, seed)
+    return DataSources(train, validation, tokenizer.vocab_size, tokenizer, domains)
   if data.source == "tokens":
     tokens = corpora.read_token_files(data.paths, data.get("token_dtype", "uint16"))
     vocab_size = int(tokens.max()) + 1
@@ -69,6 +75,7 @@ def make_sources(data: Any, seed: int) -> DataSources:
 
 
 __all__ = [
-    "Addition", "ByteTokenizer", "DataSources", "MQAR", "PackedWindows", "Passkey", "SOURCES", "Tokenizer",
-    "check_data_config", "eval_batches", "make_sources", "make_tokenizer", "split_stream", "train_dataset",
+    "Addition", "ByteTokenizer", "DataSources", "DomainMixture", "DomainSplit", "MQAR", "PackedWindows", "Passkey",
+    "SOURCES", "Tokenizer", "check_data_config", "eval_batches", "make_sources", "make_tokenizer", "split_stream",
+    "train_dataset",
 ]

@@ -3,13 +3,15 @@
 The bundled corpus is CPython's own documentation of the language reference,
 ``pydoc_data/topics.py`` (the text behind ``help("assert")`` and friends): real
 English prose with code, 79 documents and 466 KB in Python 3.11, on every machine
-that has Python, no download needed.
+that has Python, no download needed. Beside it, the standard library's own source
+files give a code corpus the same way (`python_stdlib`).
 """
 
 from __future__ import annotations
 
 import glob
-from collections.abc import Iterable, Sequence
+import sysconfig
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,17 +26,25 @@ def python_docs() -> list[str]:
   return [topics.topics[key] for key in sorted(topics.topics)]
 
 
-def expand_paths(patterns: str | Sequence[str]) -> list[Path]:
+def python_stdlib() -> Iterator[str]:
+  """The standard library's own top-level ``*.py`` files (``sysconfig``'s ``stdlib`` path),
+  sorted by name, read lazily as UTF-8: real code, on every machine that has Python."""
+  for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+    yield path.read_text(encoding="utf-8", errors="replace")
+
+
+def expand_paths(patterns: str | Sequence[str], field: str = "data.paths") -> list[Path]:
+  """The files the globs match, sorted; an error naming the config ``field`` if none."""
   patterns = [patterns] if isinstance(patterns, str) else list(patterns)
   paths = sorted({Path(p) for pattern in patterns for p in glob.glob(str(pattern), recursive=True)})
   if not paths:
-    raise FileNotFoundError(f"data.paths={patterns!r} matches no file; give existing files or globs.")
+    raise FileNotFoundError(f"{field}={patterns!r} matches no file; give existing files or globs.")
   return paths
 
 
-def read_text_files(patterns: str | Sequence[str]) -> list[str]:
+def read_text_files(patterns: str | Sequence[str], field: str = "data.paths") -> list[str]:
   """One document per file, read as UTF-8."""
-  return [path.read_text(encoding="utf-8", errors="replace") for path in expand_paths(patterns)]
+  return [path.read_text(encoding="utf-8", errors="replace") for path in expand_paths(patterns, field)]
 
 
 def read_token_files(patterns: str | Sequence[str], dtype: str = "uint16") -> np.ndarray:
@@ -61,3 +71,16 @@ def tokenize_documents(documents: Iterable[str], tokenizer: Tokenizer) -> np.nda
     pieces.append(tokenizer.encode(doc))
     pieces.append(np.asarray([tokenizer.eos_id], np.int32))
   return np.concatenate(pieces).astype(np.int32)
+
+
+def cap_bytes(documents: Iterable[str], max_bytes: int) -> list[str]:
+  """Whole documents, in order, until their UTF-8 size reaches ``max_bytes``; the one that
+  crosses it is cut there, so the result holds min(total, ``max_bytes``) bytes."""
+  kept, left = [], max_bytes
+  for doc in documents:
+    if left <= 0:
+      break
+    data = doc.encode("utf-8")
+    kept.append(doc if len(data) <= left else data[:left].decode("utf-8", errors="ignore"))
+    left -= len(data)
+  return kept

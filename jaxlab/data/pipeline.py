@@ -82,14 +82,16 @@ def train_dataset(
 
 
 def eval_batches(
-    source, global_batch: int, max_batches: int | None, process: tuple[int, int] | None = None
+    source, global_batch: int, max_batches: int | None, process: tuple[int, int] | None = None,
+    name: str = "the validation source",
 ) -> Iterator[Record]:
-  """This host's share of the first ``max_batches`` global batches, in order (None: all)."""
+  """This host's share of the first ``max_batches`` global batches, in order (None: all);
+  ``name`` names the source in the error for one with fewer records than a batch."""
   p, n = _host(process)
   num = len(source) // global_batch
   if num == 0:
     raise ValueError(
-        f"the validation source has {len(source)} records, fewer than data.batch_size="
+        f"{name} has {len(source)} records, fewer than data.batch_size="
         f"{global_batch}; lower data.batch_size or raise data.val_fraction."
     )
   if max_batches is not None:

@@ -99,15 +99,21 @@ class Addition:
     return int(rng.integers(low, 10**digits))
 
   @staticmethod
-  def _reversed_digits(n: int) -> list[int]:
+  def reversed_digits(n: int) -> list[int]:
+    """The digits of ``n``, least significant first."""
     return [int(c) for c in reversed(str(n))]
 
-  def __getitem__(self, index: int) -> Record:
+  def operands(self, index: int) -> tuple[int, int]:
+    """Problem ``index``'s ``(a, b)``, a pure function of ``(seed, index)``."""
     rng = np.random.default_rng([self.seed, int(index)])
     a = self._number(rng, int(rng.integers(self.min_digits, self.max_digits + 1)))
     b = self._number(rng, int(rng.integers(self.min_digits, self.max_digits + 1)))
-    prompt = self._reversed_digits(a) + [self.PLUS] + self._reversed_digits(b) + [self.EQUALS]
-    answer = self._reversed_digits(a + b) + [self.EOS]
+    return a, b
+
+  def __getitem__(self, index: int) -> Record:
+    a, b = self.operands(index)
+    prompt = self.reversed_digits(a) + [self.PLUS] + self.reversed_digits(b) + [self.EQUALS]
+    answer = self.reversed_digits(a + b) + [self.EOS]
     sequence = np.full(self.seq_len + 1, self.PAD, np.int32)
     sequence[: len(prompt) + len(answer)] = prompt + answer
     weights = np.zeros(self.seq_len + 1, np.float32)

@@ -47,9 +47,9 @@ def check_upcycle(config: ModelConfig, target: ModelConfig) -> None:
   if config.mlp_bias:
     raise ValueError("the dense MLP has biases (model.mlp_bias=True), which experts do not; upcycle a "
                      "model trained with mlp_bias=False.")
-  if target.moe_shared_experts:
+  if target.shared_dim:
     raise ValueError(f"upcycling copies the MLP into the routed experts only; set model.moe_shared_experts=0 "
-                     f"(got {target.moe_shared_experts}).")
+                     f"and model.moe_shared_dim=None (the shared MLP is {target.shared_dim} wide).")
 
 
 def _new_variables(target: ModelConfig, seed: int) -> tuple[dict[str, jax.Array], nnx.State]:

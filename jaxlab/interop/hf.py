@@ -134,8 +134,8 @@ def _moe(config: ModelConfig, family: Family, pre: tuple, hf: str, layout: str) 
   else:
     for name, hf_name in zip(("gate", "up", "down"), family.expert_names):
       entries.append(_stacked(experts[name], [block + f"experts.{j}.{hf_name}.weight" for j in range(e)]))
-  if config.moe_shared_experts:
-    entries += _mlp((*ffn, "shared"), block + "shared_expert.", d, config.moe_shared_experts * f, config.mlp_bias)
+  if config.shared_dim:
+    entries += _mlp((*ffn, "shared"), block + "shared_expert.", d, config.shared_dim, config.mlp_bias)
     if config.moe_shared_gate:
       entries.append(_one((*ffn, "shared_gate", "kernel"), block + "shared_expert_gate.weight", _linear((1,), (d,))))
   return entries
@@ -287,8 +287,8 @@ def _mixtral_hf(config: ModelConfig) -> dict[str, Any]:
 
 
 def _mixtral_problems(config: ModelConfig) -> list[str]:
-  return [f"model.moe_shared_experts={config.moe_shared_experts} (Mixtral has no shared experts)"
-          ] if config.moe_shared_experts else []
+  return [f"a shared MLP {config.shared_dim} wide (model.moe_shared_experts, moe_shared_dim; Mixtral has "
+          "no shared experts)"] if config.shared_dim else []
 
 
 def _shortest_pattern(kinds: list[str]) -> tuple[str, ...]:
@@ -343,7 +343,7 @@ def _qwen2_moe_hf(config: ModelConfig) -> dict[str, Any]:
   window = config.sliding_window
   return {
       "intermediate_size": config.mlp_dim, "moe_intermediate_size": config.expert_dim,
-      "shared_expert_intermediate_size": config.moe_shared_experts * config.expert_dim,
+      "shared_expert_intermediate_size": config.shared_dim,
       "num_experts": config.moe_num_experts, "num_experts_per_tok": config.moe_top_k,
       "norm_topk_prob": _renormalized(config), "qkv_bias": config.attention_bias,
       "decoder_sparse_step": step, "mlp_only_layers": [i for i in range(n) if sparse[i] and not moe[i]],
@@ -354,9 +354,9 @@ def _qwen2_moe_hf(config: ModelConfig) -> dict[str, Any]:
 
 
 def _qwen2_moe_problems(config: ModelConfig) -> list[str]:
-  if config.moe_shared_experts and config.moe_shared_gate:
+  if config.shared_dim and config.moe_shared_gate:
     return []
-  return [f"model.moe_shared_experts={config.moe_shared_experts}, moe_shared_gate={config.moe_shared_gate} "
+  return [f"a shared MLP {config.shared_dim} wide, moe_shared_gate={config.moe_shared_gate} "
           "(Qwen2-MoE has a shared expert under a sigmoid gate in every MoE layer)"]
 
 

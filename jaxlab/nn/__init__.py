@@ -6,7 +6,8 @@ from jaxlab.nn.linear_attention import GatedLinearAttention
 from jaxlab.nn.mlp import MLP
 from jaxlab.nn.registry import FFNS, MIXERS, register_ffn, register_mixer
 from jaxlab.nn.ssm import S4D, Mamba, Mamba2, SSMCache
-from jaxlab.nn.transformer import Block, Cache, Transformer, generate
+from jaxlab.nn.block import Block
+from jaxlab.nn.transformer import Cache, Transformer, generate
 
 __all__ = [
     "Attention", "Block", "Cache", "FFNS", "GatedLinearAttention", "KVCache", "MIXERS", "MLP", "Mamba",

@@ -18,7 +18,7 @@ ATTENTION_GATES = (None, "elementwise", "headwise")
 SSM_IMPLS = ("auto", "sequential", "associative", "xla", "pallas", "pallas_interpret")
 POLARIZATIONS = (None, "both", "one", "zero")
 S4D_INITS = ("lin", "inv", "real")
-MOE_ROUTERS = ("topk", "sigmoid", "expert_choice", "dense_to_sparse")
+MOE_ROUTERS = ("topk", "sigmoid", "expert_choice", "dense_to_sparse", "pregate")
 MOE_DTS_GATES = ("gumbel", "activation")
 MOE_DTS_ACTIVATIONS = ("identity", "tanh", "sigmoid", "gelu")
 MOE_DTS_SCHEDULES = ("linear", "cosine")
@@ -81,8 +81,10 @@ class ModelConfig:
   moe_top_k: int = 2
   moe_expert_dim: int | None = None  # each expert's hidden width; None: mlp_dim
   moe_shared_experts: int = 0  # experts every token uses (DeepSeek-MoE), one MLP of their total width
+  moe_shared_dim: int | None = None  # the shared MLP's width; None: moe_shared_experts x expert width
   moe_shared_gate: bool = False  # a sigmoid gate on the shared experts' output (Qwen-MoE)
-  moe_router: str = "topk"  # topk | sigmoid (DeepSeek-V3) | expert_choice (Zhou et al.) | dense_to_sparse
+  # topk | sigmoid (DeepSeek-V3) | expert_choice (Zhou et al.) | dense_to_sparse | pregate (Read-ME)
+  moe_router: str = "topk"
   moe_gate_order: str = "softmax_topk"  # softmax over all experts, then top-k | topk_softmax
   moe_renormalize: bool = True  # gates of the k chosen experts sum to 1 (Mixtral)
   moe_dispatch: str = "dropless"  # dropless (sorted grouped matmuls) | capacity (GShard)
@@ -101,6 +103,10 @@ class ModelConfig:
   moe_dts_schedule: str = "linear"  # linear | cosine
   moe_dts_switch_step: int = 6000  # from this step on only the top-k gates are kept
   moe_dts_threshold: float = 0.02  # gates at or under it are masked (EvoMoE's GUMBEL_THRESHOLD)
+  # Read-ME's pre-gating router (moe_router="pregate"; jaxlab/nn/pregate.py): a causal transformer on token ids
+  moe_pregate_dim: int = 64
+  moe_pregate_layers: int = 1
+  moe_pregate_heads: int = 4
   # norms, embeddings, init
   norm: str = "rmsnorm"
   norm_eps: float = 1e-5
@@ -200,6 +206,8 @@ class ModelConfig:
     if self.moe_expert_dim is not None:
       _check_positive(self, "moe_expert_dim")
     checks.nonnegative_int("model.moe_shared_experts", self.moe_shared_experts)
+    if self.moe_shared_dim is not None:
+      checks.nonnegative_int("model.moe_shared_dim", self.moe_shared_dim)
     _check_choice(self, "moe_router", MOE_ROUTERS)
     _check_choice(self, "moe_gate_order", MOE_GATE_ORDERS)
     _check_choice(self, "moe_dispatch", MOE_DISPATCHES)
@@ -212,10 +220,21 @@ class ModelConfig:
                        "(1.0-1.25 is usual; large values drop nothing).")
     if not 0 <= self.moe_jitter < 1:
       raise ValueError(f"model.moe_jitter={self.moe_jitter} must be in [0, 1) (Switch uses 0.01).")
-    if self.moe_shared_gate and not self.moe_shared_experts:
+    if self.moe_shared_gate and not self.shared_dim:
       raise ValueError("model.moe_shared_gate=True gates shared experts, but model.moe_shared_experts=0.")
     if self.moe_router == "dense_to_sparse":
       self._check_dense_to_sparse()
+    if self.moe_router == "pregate":
+      self._check_pregate()
+
+  def _check_pregate(self) -> None:
+    _check_positive(self, "moe_pregate_dim", "moe_pregate_layers", "moe_pregate_heads")
+    if self.moe_pregate_dim % self.moe_pregate_heads:
+      raise ValueError(f"model.moe_pregate_dim={self.moe_pregate_dim} is not divisible by "
+                       f"model.moe_pregate_heads={self.moe_pregate_heads}.")
+    if self.moe_top_k != 1 or self.moe_dispatch != "dropless":
+      raise ValueError(f"model.moe_router='pregate' sends each token to its one pre-gated expert: set "
+                       f"model.moe_top_k=1 and moe_dispatch='dropless' (got {self.moe_top_k}, {self.moe_dispatch!r}).")
 
   def _check_dense_to_sparse(self) -> None:
     _check_choice(self, "moe_dts_gate", MOE_DTS_GATES)
@@ -236,6 +255,16 @@ class ModelConfig:
   @property
   def expert_dim(self) -> int:
     return self.mlp_dim if self.moe_expert_dim is None else self.moe_expert_dim
+
+  @property
+  def pregated(self) -> bool:
+    """Whether a pre-gating router (Read-ME) picks the MoE layers' experts."""
+    return "moe" in self.ffns and self.moe_router == "pregate"
+
+  @property
+  def shared_dim(self) -> int:
+    """The width of the MLP every token of a MoE layer uses (0: none)."""
+    return self.moe_shared_experts * self.expert_dim if self.moe_shared_dim is None else self.moe_shared_dim
 
   @property
   def ssm_inner(self) -> int:

@@ -13,7 +13,12 @@ from jaxlab.sharding import shard
 
 @register_ffn("mlp")
 class MLP(nnx.Module):
-  """swiglu: down(silu(gate(x)) · up(x));  gelu: down(gelu(up(x)))."""
+  """swiglu: down(silu(gate(x)) · up(x));  gelu: down(gelu(up(x))).
+
+  The down projection's input h is exposed for analyses (Read-ME's carving, Taylor
+  importance; `jaxlab.growth.readme`): with ``record_down_input`` set, under
+  ``nnx.capture``, it is sown as the intermediate ``down_input`` and the perturbation
+  ``down_input`` (zeros) is added to it, whose gradient is ∂loss/∂h."""
 
   def __init__(self, config: ModelConfig, *, layer: int, rngs: nnx.Rngs):
     del layer
@@ -23,6 +28,7 @@ class MLP(nnx.Module):
     self.gate = Linear((d,), (f,), ("embed",), ("mlp",), **dense) if self.activation == "swiglu" else None
     self.up = Linear((d,), (f,), ("embed",), ("mlp",), **dense)
     self.down = Linear((f,), (d,), ("mlp",), ("embed",), **dense)
+    self.record_down_input = False
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     h_BxLxF = self.up(x_BxLxD)
@@ -31,4 +37,7 @@ class MLP(nnx.Module):
     else:
       h_BxLxF = jax.nn.gelu(h_BxLxF, approximate=True)
     h_BxLxF = shard(h_BxLxF, ("batch", "length", "mlp"))
+    if self.record_down_input:  # inside nnx.capture only
+      h_BxLxF = self.perturb("down_input", h_BxLxF)
+      self.sow(nnx.Intermediate, "down_input", h_BxLxF)
     return self.down(h_BxLxF)

@@ -371,23 +371,29 @@ def _local_tokens(fn, num_outputs: int, x, ffn_weights, implementation, *routing
 
 @register_ffn("moe")
 class MoE(nnx.Module):
-  """Routed experts, plus ``moe_shared_experts`` experts every token uses (DeepSeek-MoE;
+  """Routed experts, plus shared experts every token uses (``shared_dim`` wide; DeepSeek-MoE;
   with ``moe_shared_gate`` a sigmoid gate on their output, Qwen-MoE)."""
 
   def __init__(self, config: ModelConfig, *, layer: int, rngs: nnx.Rngs):
     self.config = config
-    self.router = Router(config, layer=layer, rngs=rngs)
+    self.router = None if config.moe_router == "pregate" else Router(config, layer=layer, rngs=rngs)
     self.experts = Experts(config, rngs=rngs)
-    shared = config.moe_shared_experts * config.expert_dim
+    shared = config.shared_dim
     self.shared = MLP(dataclasses.replace(config, mlp_dim=shared), layer=layer, rngs=rngs) if shared else None
     self.shared_gate = (Linear((config.d_model,), (1,), ("embed",), (None,), init_std=config.init_std, rngs=rngs)
                         if shared and config.moe_shared_gate else None)
 
-  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+  def __call__(self, x_BxTxD: jax.Array, experts: Int[Array, "b t"] | None = None) -> jax.Array:
+    """``experts``: each token's expert, from Read-ME's pre-gating router (``pregate`` only)."""
     c = self.config
     b, t, d = x_BxTxD.shape
-    logits = self.router.logits(x_BxTxD)
     ffn_weights, impl = self.experts.weights(x_BxTxD.dtype), self.experts.gmm_impl
+    if c.moe_router == "pregate":
+      y = self._pregated(x_BxTxD, experts, ffn_weights, impl)
+      if self.shared is not None:
+        y = y + self.shared(x_BxTxD)
+      return y
+    logits = self.router.logits(x_BxTxD)
     if c.moe_router == "expert_choice":
       probs = jax.nn.softmax(logits, axis=-1)
       (y,) = _local_tokens(lambda x, ffn, p: (expert_choice(x, p, ffn, capacity_of(c, t)),), 1,
@@ -428,6 +434,25 @@ class MoE(nnx.Module):
       y = y + shared
     return y
 
+  def _pregated(self, x_BxTxD, experts, ffn_weights, impl) -> jax.Array:
+    """Read-ME: every token through its one expert, with gate 1 (the masked dense MLP
+    ``down((r + m_c) ⊙ act(gate x) ⊙ up x)`` once carved, shared part added by the caller)."""
+    if experts is None:
+      raise ValueError("model.moe_router='pregate' takes each token's expert from the model's pre-gating "
+                       "router; call the Transformer (or pass experts=[b, t] ids), not the MoE layer alone.")
+    b, t, d = x_BxTxD.shape
+    c = self.config
+
+    def fn(x, ffn, experts):
+      n = x.shape[0] * x.shape[1]
+      ones = jnp.ones((n, 1), jnp.float32)
+      return (dropless(x.reshape(n, d), experts.reshape(n, 1), ones, ffn, c.moe_num_experts).reshape(x.shape),)
+
+    (y,) = _local_tokens(fn, 1, x_BxTxD, ffn_weights, impl, experts[..., None])
+    load = jnp.mean(jax.nn.one_hot(experts, c.moe_num_experts, dtype=jnp.float32), axis=1)
+    report(self, Metric, "expert_load", jnp.sum(load, axis=0))
+    return shard(y, ("batch", "length", "embed"))
+
   def _report_router(self, logits, probs, copies: Float[Array, "b t e"] | None, dropped) -> None:
     """Per-sequence losses and metrics, summed over the batch (`jaxlab.nn.reports`);
     ``copies`` counts each token's copies per expert (None for expert choice)."""
@@ -452,6 +477,8 @@ class MoE(nnx.Module):
   def update_state(self, metrics: dict[str, jax.Array]) -> None:
     """Once per train step: a dense-to-sparse router's clock advances; DeepSeek-V3's bias
     moves b_i += γ · sign(mean load - load_i), from the batch's expert load."""
+    if self.router is None:
+      return
     if self.router.step is not None:
       self.router.step[...] += 1
     if self.router.bias is not None and self.config.moe_bias_update_rate and "expert_load" in metrics:

@@ -11,83 +11,31 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jaxtyping import Array, Float, Int
 
-from jaxlab.nn import attention as _attention  # noqa: F401  (registers "attention")
-from jaxlab.nn import linear_attention as _linear_attention  # noqa: F401  (registers "gla")
-from jaxlab.nn import mlp as _mlp  # noqa: F401  (registers "mlp")
-from jaxlab.nn import moe as _moe  # noqa: F401  (registers "moe")
-from jaxlab.nn import ssm as _ssm  # noqa: F401  (registers "mamba", "mamba2", "s4d")
+from jaxlab.nn.block import REMAT_POLICIES, Block, apply_block
 from jaxlab.nn.config import ModelConfig
 from jaxlab.nn.embed import Embed
 from jaxlab.nn.linear import Linear
 from jaxlab.nn.norms import make_norm
 from jaxlab.nn.positional import LearnedPositions
-from jaxlab.nn.registry import FFNS, MIXERS, lookup
-from jaxlab.nn.tape import PositionState, TapeMLPUpdate, initial_position_state
+from jaxlab.nn.pregate import PreGatingRouter, choose
+from jaxlab.nn.tape import PositionState, initial_position_state
 from jaxlab.sharding import shard
-
-_REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole block
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
-class Block(nnx.Module):
-  """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x)) (no FFN when the
-  config names ``"none"``, as in Zoology's recall models). With TAPE the block also
-  carries the position features: the mixer updates them and so does the TAPE map gated
-  by the FFN's output."""
-
-  def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
-    self.mixer_norm = make_norm(config)
-    self.mixer = lookup(MIXERS, "mixer", config.mixer_of(layer))(config, layer=layer, rngs=rngs)
-    has_ffn = config.ffn_of(layer) != "none"
-    self.ffn_norm = make_norm(config) if has_ffn else None
-    self.ffn = lookup(FFNS, "ffn", config.ffn_of(layer))(config, layer=layer, rngs=rngs) if has_ffn else None
-    self.tape = TapeMLPUpdate(config, rngs=rngs) if config.positional == "tape" else None
-
-  def _ffn(self, x: jax.Array, pe: PositionState | None):
-    if self.ffn is None:
-      return x, pe
-    out = self.ffn(self.ffn_norm(x))
-    return x + out, (None if pe is None else self.tape(pe, out))
-
-  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, pe: PositionState | None = None):
-    h = self.mixer_norm(x_BxLxD)
-    if pe is None:
-      x_BxLxD = x_BxLxD + self.mixer(h, positions_BxL)
-    else:
-      out, pe = self.mixer(h, positions_BxL, pe)
-      x_BxLxD = x_BxLxD + out
-    x_BxLxD = shard(x_BxLxD, ("batch", "length", "embed"))
-    x_BxLxD, pe = self._ffn(x_BxLxD, pe)
-    return shard(x_BxLxD, ("batch", "length", "embed")), pe
-
-  def decode(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, cache: Any,
-             pe: PositionState | None = None):
-    h = self.mixer_norm(x_BxTxD)
-    if pe is None:
-      out, cache = self.mixer.decode(h, positions_BxT, cache)
-    else:
-      out, cache, pe = self.mixer.decode(h, positions_BxT, cache, pe)
-    x_BxTxD, pe = self._ffn(x_BxTxD + out, pe)
-    return x_BxTxD, cache, pe
-
-
-def _apply_block(block: Block, x: jax.Array, positions: jax.Array, pe):
-  return block(x, positions, pe)
-
 
 @struct.dataclass
 class Cache:
-  """Decoding state: how many positions are filled, and each layer's mixer cache."""
+  """Decoding state: how many positions are filled, each layer's mixer cache, and the
+  pre-gating router's cache (Read-ME; None without one)."""
 
   index: jax.Array
   layers: list[Any]
+  router: Any = None
 
 
 class Transformer(nnx.Module):
   """``model(tokens [b, t]) -> logits [b, t, vocab]``. With ``mixers=("attention",)``,
-  ``norm="rmsnorm"``, ``mlp_activation="swiglu"`` and RoPE this is the Llama architecture."""
+  ``norm="rmsnorm"``, ``mlp_activation="swiglu"`` and RoPE this is the Llama architecture.
+  With ``moe_router="pregate"`` a pre-gating router (`jaxlab.nn.pregate`) picks every MoE
+  layer's expert from the token ids, unless the caller passes ``experts`` [b, t]."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
@@ -97,6 +45,7 @@ class Transformer(nnx.Module):
         if config.positional == "learned" else None
     )
     self.blocks = nnx.List([Block(config, i, rngs=rngs) for i in range(config.num_layers)])
+    self.pregate = PreGatingRouter(config, rngs=rngs) if config.pregated else None
     self.final_norm = make_norm(config)
     self.lm_head = (
         None
@@ -131,22 +80,27 @@ class Transformer(nnx.Module):
     return x, positions, pe
 
   def hidden_states(
-      self, x: Float[Array, "b t d"], positions: Int[Array, "b t"], pe: PositionState | None = None
+      self, x: Float[Array, "b t d"], positions: Int[Array, "b t"], pe: PositionState | None = None,
+      experts: Int[Array, "b t"] | None = None,
   ) -> list[Float[Array, "b t d"]]:
     """The residual stream before the first block and after each block."""
-    apply = _apply_block
+    apply = apply_block
     if self.config.remat != "none":
-      apply = nnx.remat(_apply_block, policy=_REMAT_POLICIES[self.config.remat])
+      apply = nnx.remat(apply_block, policy=REMAT_POLICIES[self.config.remat])
     states = [x]
     for block in self.blocks:
-      x, pe = apply(block, x, positions, pe)
+      x, pe = apply(block, x, positions, pe, experts)
       states.append(x)
     return states
 
   def __call__(
-      self, tokens: Int[Array, "b t"], positions: Int[Array, "b t"] | None = None
+      self, tokens: Int[Array, "b t"], positions: Int[Array, "b t"] | None = None,
+      experts: Int[Array, "b t"] | None = None,
   ) -> Float[Array, "b t vocab"]:
-    return self._logits(self.hidden_states(*self.embeddings(tokens, positions))[-1])
+    x, positions, pe = self.embeddings(tokens, positions)
+    if self.pregate is not None and experts is None:
+      experts = choose(self.pregate(tokens, positions))
+    return self._logits(self.hidden_states(x, positions, pe, experts)[-1])
 
   def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
     if "moe" in self.config.ffns and self.config.moe_router == "expert_choice":
@@ -154,18 +108,23 @@ class Transformer(nnx.Module):
                        "sequence, so it cannot decode one token at a time; use moe_router='topk' "
                        "for models that generate.")
     layers = [block.mixer.init_cache(batch, max_len, dtype) for block in self.blocks]
-    return Cache(index=jnp.zeros((), jnp.int32), layers=layers)
+    router = None if self.pregate is None else self.pregate.init_cache(batch, max_len, dtype)
+    return Cache(index=jnp.zeros((), jnp.int32), layers=layers, router=router)
 
   def decode(self, tokens: Int[Array, "b t"], cache: Cache) -> tuple[Float[Array, "b t vocab"], Cache]:
     """Logits for the next t tokens given the cache of everything before them."""
     b, t = tokens.shape
     positions = cache.index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     x, pe = self._inputs(tokens, positions)
+    experts, router = None, None
+    if self.pregate is not None:
+      logits, router = self.pregate.decode(tokens, positions, cache.router)
+      experts = choose(logits)
     layers = []
     for block, layer_cache in zip(self.blocks, cache.layers):
-      x, layer_cache, pe = block.decode(x, positions, layer_cache, pe)
+      x, layer_cache, pe = block.decode(x, positions, layer_cache, pe, experts)
       layers.append(layer_cache)
-    return self._logits(x), Cache(index=cache.index + t, layers=layers)
+    return self._logits(x), Cache(index=cache.index + t, layers=layers, router=router)
 
 
 def convert_positional(model: Transformer, positional: str, *, rngs: nnx.Rngs) -> Transformer:

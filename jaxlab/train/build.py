@@ -43,8 +43,8 @@ def model_config_fields(config: ModelConfig) -> dict[str, list[tuple[str, int]]]
   }
   if "moe" in config.ffns:
     fields["mlp"].append(("model.moe_expert_dim", config.expert_dim))
-    if config.moe_shared_experts:
-      fields["mlp"].append(("model.moe_shared_experts x expert width", config.moe_shared_experts * config.expert_dim))
+    if config.shared_dim:
+      fields["mlp"].append(("the shared MLP's width (model.moe_shared_dim)", config.shared_dim))
   if mixers & {"mamba", "mamba2"}:
     fields["mlp"].append(("model.ssm_expand x model.d_model", config.ssm_inner))
   if "mamba2" in mixers:

@@ -46,8 +46,12 @@ def _all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+MODEL_KEYS = ("inputs", "targets", "weights")  # the batch fields the steps read, each [batch, seq_len]
+
+
 def _global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+  """The model's fields of a host batch as global arrays; the rest (a record's ``domain``) stays here."""
+  return {k: jax.make_array_from_process_local_data(sharding, local[k]) for k in MODEL_KEYS}
 
 
 def _fetch(tree: Any) -> Any:
@@ -119,6 +123,9 @@ class Trainer:
     self.train_data = data_lib.train_dataset(self.sources.train, config.data.batch_size, config.seed)
     # Raises now, before the checkpoint directory exists, if the validation split is too small.
     data_lib.eval_batches(self.sources.validation, config.data.batch_size, config.train.eval_batches)
+    for name, domain in self.sources.domains.items():
+      data_lib.eval_batches(domain.validation, config.data.batch_size, config.train.eval_batches,
+                            name=f"the validation split of domain {name!r}")
     resuming = any(p.name.isdigit() for p in (self.workdir / "checkpoints").glob("*"))
     self.source = None if resuming else check_init(config, self.model_config)  # the run this one starts from
     self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=config.train.keep_checkpoints)
@@ -137,9 +144,16 @@ class Trainer:
     return state
 
   def evaluate(self, state: TrainState) -> dict[str, float]:
-    batches = data_lib.eval_batches(
-        self.sources.validation, self.config.data.batch_size, self.config.train.eval_batches
-    )
+    """``eval/...`` on the validation split, then ``eval/<domain>/...`` on each domain's."""
+    metrics = {f"eval/{k}": v for k, v in self._evaluate_source(state, self.sources.validation).items()}
+    for name, domain in self.sources.domains.items():
+      metrics.update({f"eval/{name}/{k}": v for k, v in self._evaluate_source(state, domain.validation).items()})
+    return metrics
+
+  def _evaluate_source(self, state: TrainState, source: Any) -> dict[str, float]:
+    """Weighted loss, perplexity and accuracy (and the mean attention-sink measures) over
+    the first ``train.eval_batches`` batches of ``source``."""
+    batches = data_lib.eval_batches(source, self.config.data.batch_size, self.config.train.eval_batches)
     sums, count = None, 0
     with use_mesh(self.mesh, self.rules):
       for batch in batches:
@@ -148,11 +162,11 @@ class Trainer:
         count += 1
     sums = _fetch(sums)
     loss = float(sums["loss_sum"] / max(sums["weight_sum"], 1.0))
-    sinks = {f"eval/{k}": float(v) / count for k, v in sums.items() if k.startswith("attention_sink")}
+    sinks = {k: float(v) / count for k, v in sums.items() if k.startswith("attention_sink")}
     return {
-        "eval/loss": loss,
-        "eval/perplexity": float(np.exp(min(loss, 50.0))),
-        "eval/accuracy": float(sums["correct_sum"] / max(sums["weight_sum"], 1.0)),
+        "loss": loss,
+        "perplexity": float(np.exp(min(loss, 50.0))),
+        "accuracy": float(sums["correct_sum"] / max(sums["weight_sum"], 1.0)),
         **sinks,
     }
 

@@ -260,6 +260,21 @@ def test_mqar_trains_through_the_same_interface(tiny_config, tmp_path):
   assert not (tmp_path / "samples.txt").exists()  # MQAR tokens are not text
 
 
+def test_a_domains_run_evaluates_every_domain(tiny_config, tmp_path):
+  tiny_config.data.update(source="domains", domain_max_bytes=20_000, arithmetic=dict(num_problems=2_000))
+  tiny_config.train.update(steps=1, eval_every=1, checkpoint_every=1, num_samples=0)
+  tiny_config.optim.warmup_steps = 0
+  trainer = Trainer(tiny_config, tmp_path)
+  trainer.run()
+  (record,) = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "eval/loss" in r]
+  for name in ("", "python_docs/", "python_stdlib/", "arithmetic/"):
+    assert np.isfinite(record[f"eval/{name}loss"]) and 0 <= record[f"eval/{name}accuracy"] <= 1, name
+  assert 0 < report.unigram_entropy(trainer.sources.train.tokens) < np.log(257)
+  tiny_config.data.arithmetic.num_problems = 300  # about 5 validation windows, fewer than one batch
+  with pytest.raises(ValueError, match="validation split of domain 'arithmetic' has 6 records, fewer than data.ba"):
+    Trainer(tiny_config, tmp_path / "small")
+
+
 def test_moe_run_logs_router_metrics_and_resumes_its_balancing_bias_exactly(tiny_config, tmp_path):
   """The sigmoid router's bias is non-parameter state that the train step updates: it is
   checkpointed and restored, so a run resumed halfway ends where an uninterrupted one does."""
