@@ -75,6 +75,8 @@ def check_divisible(
   for path, var in flat:
     if not isinstance(var, nnx.Variable) or not var.get_metadata().get("out_sharding"):
       continue
+    if not hasattr(var.get_value(), "shape"):  # a frozen parameter's optimizer slot (optax's MaskedNode)
+      continue
     names = var.get_metadata()["out_sharding"]
     spec = logical_to_spec(names, rules)
     for dim, (size, shards) in enumerate(zip(var.shape, spec_size(spec, mesh.shape))):

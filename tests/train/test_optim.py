@@ -69,3 +69,22 @@ def test_gradient_spikes_are_clipped():
 
   clipped, unclipped = second_update(1.0), second_update(1e9)
   assert float(jnp.abs(clipped - unclipped).max()) > 1e-4
+
+
+def test_a_run_that_trains_some_parameters_builds_and_freezes_the_rest(tiny_config):
+  """optim.trainable leaves optax MaskedNodes in the frozen parameters' slots; building the
+  run (sharding checks included) and a step must accept them and change only the matches."""
+  from jaxlab.train.build import build_run
+  from jaxlab.train.state import create_train_state
+
+  tiny_config.optim.trainable = "ffn"
+  setup = build_run(tiny_config)
+  state = create_train_state(setup.model_config, setup.tx, 0, setup.shardings)
+  tokens = jnp.zeros((tiny_config.data.batch_size, tiny_config.data.seq_len), jnp.int32)
+  batch = {"inputs": tokens, "targets": tokens + 1, "weights": jnp.ones(tokens.shape)}
+  new = jax.tree.map(jnp.copy, state)
+  for _ in range(2):  # the first step's learning rate is 0 (warmup)
+    new, _ = setup.train_step(new, batch)
+  blocks, before = new.params["blocks"][0], state.params["blocks"][0]
+  assert not np.allclose(blocks["ffn"]["up"]["kernel"][...], before["ffn"]["up"]["kernel"][...])
+  np.testing.assert_array_equal(blocks["mixer"]["q"]["kernel"][...], before["mixer"]["q"]["kernel"][...])
