@@ -25,3 +25,6 @@ def test_notebook_runs(name, monkeypatch):
   if name == "ssm.ipynb":
     assert "GPU kernel (interpret)" in outputs and "recall accuracy at" in outputs, outputs[-3000:]
     assert "influence at distance" in outputs, outputs[-3000:]
+  if name == "moe.ipynb":
+    assert "renormalized gates True : max |upcycled - dense| = " in outputs, outputs[-3000:]
+    assert "tokens choosing their own domain's expert" in outputs and "expert-aware" in outputs, outputs[-3000:]
