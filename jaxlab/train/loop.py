@@ -145,12 +145,12 @@ class Trainer:
 
   def evaluate(self, state: TrainState) -> dict[str, float]:
     """``eval/...`` on the validation split, then ``eval/<domain>/...`` on each domain's."""
-    metrics = {f"eval/{k}": v for k, v in self._evaluate_source(state, self.sources.validation).items()}
+    metrics = {f"eval/{k}": v for k, v in self.evaluate_source(state, self.sources.validation).items()}
     for name, domain in self.sources.domains.items():
-      metrics.update({f"eval/{name}/{k}": v for k, v in self._evaluate_source(state, domain.validation).items()})
+      metrics.update({f"eval/{name}/{k}": v for k, v in self.evaluate_source(state, domain.validation).items()})
     return metrics
 
-  def _evaluate_source(self, state: TrainState, source: Any) -> dict[str, float]:
+  def evaluate_source(self, state: TrainState, source: Any) -> dict[str, float]:
     """Weighted loss, perplexity and accuracy (and the mean attention-sink measures) over
     the first ``train.eval_batches`` batches of ``source``."""
     batches = data_lib.eval_batches(source, self.config.data.batch_size, self.config.train.eval_batches)
