@@ -14,6 +14,7 @@ from flax import nnx
 
 from jaxlab.nn import ModelConfig
 from jaxlab.nn.moe import MoE
+from jaxlab.nn.reports import capture_reports
 from jaxlab.sharding import make_mesh, strategy_rules, use_mesh
 from jaxlab.train import Trainer
 from jaxlab.train.metrics import read_metrics
@@ -143,3 +144,29 @@ def test_ragged_exchange_equals_the_padded_one():
   ragged = run(lambda *a: exchange_ragged(*a, ragged_all_to_all=emulated_ragged_all_to_all))
   np.testing.assert_allclose(padded, want, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(ragged, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("router", ["dense_to_sparse", "pregate"])
+def test_dense_phase_and_pregated_experts_shard_like_one_device(router):
+  """A dense-to-sparse router before its switch (every expert on every token, in training)
+  and Read-ME's pre-gated experts, split over 8 expert shards, equal one device."""
+  config = dataclasses.replace(CONFIG, moe_router=router, moe_dts_gate="activation",
+                               moe_top_k=1 if router == "pregate" else 2)
+  x = jax.random.normal(jax.random.key(2), (8, 12, 32))
+  experts = jax.random.randint(jax.random.key(3), (8, 12), 0, 8)
+  moe = MoE(config, layer=0, rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(moe, nnx.Param, ...)
+
+  def loss(params, x):
+    layer = nnx.merge(graphdef, params, rest)
+    if router == "pregate":
+      return jnp.sum(layer(x, experts) ** 2)
+    return jnp.sum(capture_reports(layer, x, rng=jax.random.key(4))[0] ** 2)
+
+  fn = jax.jit(jax.value_and_grad(loss))
+  want = fn(params, x)
+  mesh, rules = make_mesh(dict(expert=8)), strategy_rules("fsdp_ep")
+  params = jax.device_put(params, state_shardings(params, mesh, rules))
+  with use_mesh(mesh, rules):
+    got = fn(params, jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(BATCH))))
+  chex.assert_trees_all_close(jax.device_get(got), want, atol=1e-5, rtol=1e-5)
