@@ -12,7 +12,8 @@ CPython's docs trained for several epochs so that the gap is measurable:
 - ``dense``: the dense MLP (width W); ``dense_total``: a dense MLP as wide as the E=8,
   k=2 mixture's experts together (equal total parameters).
 - ``moe_E{E}_k{k}`` for E in (4, 8, 16), k in (1, 2, 4): experts of width W / k, so every
-  arm has the dense model's active FFN parameters.
+  arm has the dense model's active FFN parameters; gates renormalized over the k chosen
+  (Mixtral), except k = 1, which keeps Switch's gate (the expert's probability).
 - ``dts_gumbel``, ``dts_activation``: E=8, k=2 with the dense-to-sparse gates (EvoMoE's,
   Nguyen et al.'s tanh activation gate), dense for the first 60% of the steps.
 - ``upcycled``: the dense model trained for half the steps, upcycled into E=8, k=2
@@ -73,7 +74,9 @@ def arms(steps: int) -> dict[str, dict]:
   width = SIZES[_SIZE.value]["model"]["mlp_dim"]
   moe = dict(ffns=("moe",), moe_aux_loss_weight=1e-2)
   out = {"dense": {}, "dense_total": dict(mlp_dim=8 * width // 2)}
-  out.update({f"moe_E{e}_k{k}": dict(**moe, moe_num_experts=e, moe_top_k=k, moe_expert_dim=width // k) for e, k in GRID})
+  # k = 1 gates are Switch's (the chosen expert's probability): renormalized to 1 the router would get no gradient
+  out.update({f"moe_E{e}_k{k}": dict(**moe, moe_num_experts=e, moe_top_k=k, moe_expert_dim=width // k,
+                                     moe_renormalize=k > 1) for e, k in GRID})
   schedule = dict(moe_router="dense_to_sparse", moe_dts_decay_steps=max(1, steps // 2),
                   moe_dts_switch_step=int(0.6 * steps))
   out["dts_gumbel"] = dict(**moe, moe_num_experts=8, moe_top_k=2, moe_expert_dim=width // 2, **schedule)

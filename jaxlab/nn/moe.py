@@ -6,7 +6,8 @@ Routers (``model.moe_router``), scores always in fp32:
 - ``topk``: softmax over all experts then the top k (``moe_gate_order="softmax_topk"``;
   Switch, OLMoE, Qwen-MoE; renormalized over the k with ``moe_renormalize``, which is
   Mixtral), or the top k logits then a softmax over them (``"topk_softmax"``; equal to
-  the renormalized form).
+  the renormalized form). At k = 1 a renormalized gate is 1, so the router learns from
+  the balancing loss alone; Switch keeps the probability (``moe_renormalize=False``).
 - ``sigmoid``: DeepSeek-V3's sigmoid scores; the experts are chosen by score + a
   balancing bias that the train step moves towards equal load (auxiliary-loss-free
   balancing, γ = ``moe_bias_update_rate``), the gates are the scores (renormalized).
