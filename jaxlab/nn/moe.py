@@ -389,13 +389,10 @@ class MoE(nnx.Module):
     c = self.config
     b, t, d = x_BxTxD.shape
     ffn_weights, impl = self.experts.weights(x_BxTxD.dtype), self.experts.gmm_impl
+    logits = None if self.router is None else self.router.logits(x_BxTxD)
     if c.moe_router == "pregate":
       y = self._pregated(x_BxTxD, experts, ffn_weights, impl)
-      if self.shared is not None:
-        y = y + self.shared(x_BxTxD)
-      return y
-    logits = self.router.logits(x_BxTxD)
-    if c.moe_router == "expert_choice":
+    elif c.moe_router == "expert_choice":
       probs = jax.nn.softmax(logits, axis=-1)
       (y,) = _local_tokens(lambda x, ffn, p: (expert_choice(x, p, ffn, capacity_of(c, t)),), 1,
                            x_BxTxD, ffn_weights, impl, probs)
@@ -436,8 +433,8 @@ class MoE(nnx.Module):
     return y
 
   def _pregated(self, x_BxTxD, experts, ffn_weights, impl) -> jax.Array:
-    """Read-ME: every token through its one expert, with gate 1 (the masked dense MLP
-    ``down((r + m_c) ⊙ act(gate x) ⊙ up x)`` once carved, shared part added by the caller)."""
+    """Read-ME: every token through its one expert, with gate 1 (with the shared expert
+    the caller adds, the masked dense MLP ``down((r + m_c) ⊙ act(gate x) ⊙ up x)`` once carved)."""
     if experts is None:
       raise ValueError("model.moe_router='pregate' takes each token's expert from the model's pre-gating "
                        "router; call the Transformer (or pass experts=[b, t] ids), not the MoE layer alone.")
@@ -450,9 +447,9 @@ class MoE(nnx.Module):
       return (dropless(x.reshape(n, d), experts.reshape(n, 1), ones, ffn, c.moe_num_experts).reshape(x.shape),)
 
     (y,) = _local_tokens(fn, 1, x_BxTxD, ffn_weights, impl, experts[..., None])
-    load = jnp.mean(jax.nn.one_hot(experts, c.moe_num_experts, dtype=jnp.float32), axis=1)
+    load = jnp.mean(copies_per_expert(experts[..., None], c.moe_num_experts), axis=1)
     report(self, Metric, "expert_load", jnp.sum(load, axis=0))
-    return shard(y, ("batch", "length", "embed"))
+    return y
 
   def _report_router(self, logits, probs, copies: Float[Array, "b t e"] | None, dropped) -> None:
     """Per-sequence losses and metrics, summed over the batch (`jaxlab.nn.reports`);
