@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 import jax
 from flax import nnx
 
-from jaxlab.nn import ModelConfig
+from jaxlab.nn import ModelConfig, Transformer
 
 
 def by_name(state: nnx.State) -> dict[str, jax.Array]:
@@ -34,3 +34,8 @@ def differing_fields(config: ModelConfig, target: ModelConfig, allowed: Iterable
   return [f"model.{f.name}: {getattr(config, f.name)!r} -> {getattr(target, f.name)!r}"
           for f in dataclasses.fields(ModelConfig)
           if f.name not in allowed and getattr(config, f.name) != getattr(target, f.name)]
+
+
+def abstract_params(config: ModelConfig) -> nnx.State:
+  """The parameters of a model of ``config``, as shapes and logical axes (no compute)."""
+  return jax.eval_shape(lambda: nnx.split(Transformer(config, rngs=nnx.Rngs(0)), nnx.Param, ...)[1])

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlab.growth.trees import by_name, differing_fields, rebuild
+from jaxlab.growth.trees import abstract_params, by_name, differing_fields, rebuild
 from jaxlab.nn import ModelConfig, Transformer
 
 EXPERT = re.compile(r"blocks/(\d+)/ffn/experts/(gate|up|down)")
@@ -64,10 +64,6 @@ def _new_variables(target: ModelConfig, seed: int) -> tuple[dict[str, jax.Array]
   return init()
 
 
-def _abstract_params(target: ModelConfig) -> nnx.State:
-  return jax.eval_shape(lambda: nnx.split(Transformer(target, rngs=nnx.Rngs(0)), nnx.Param, ...)[1])
-
-
 def _upcycle_tree(tree: nnx.State, template: nnx.State, new: dict[str, jax.Array]) -> nnx.State:
   """A parameter-shaped tree (parameters or one optimizer moment) of the dense model as
   the target's: experts copied from their MLP, routers from ``new``, the rest as is."""
@@ -91,7 +87,7 @@ def upcycle(state: Any, config: ModelConfig, target_config: ModelConfig, *, seed
   Routers get the target's initialization for ``seed``. Works under ``jax.jit`` with the
   target's output shardings."""
   check_upcycle(config, target_config)
-  template = _abstract_params(target_config)
+  template = abstract_params(target_config)
   routers, model_state = _new_variables(target_config, seed)
   if not hasattr(state, "opt_state"):
     return _upcycle_tree(state, template, routers)
