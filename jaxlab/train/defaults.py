@@ -83,6 +83,17 @@ def base_config() -> ml_collections.ConfigDict:
   )
   config.init = dict(
       upcycle_from=optional(None, str),  # a dense run's workdir: its latest checkpoint upcycled into this MoE
+      grow_from=optional(None, str),  # a smaller run's workdir: its latest checkpoint grown into this model
+      operator="ligo",  # ligo | stack | interleave | net2net | bert2bert | aki | identity (jaxlab.growth)
+      width="net2net",  # stack and interleave: net2net (function-preserving copies) | copy
+      mapping="random",  # Net2Net's choice of copied units: random | cyclic (exact norms when sizes divide)
+      noise=0.0,  # Net2Net's symmetry-breaking noise on new units, x each tensor's std
+      ligo_steps=100,  # the operator's training steps (the official README's --max_steps 100)
+      ligo_lr=2e-4,
+      ligo_warmup=10,  # the released command inherits 10000 (lr never passes 2e-6 in 100 steps): set it to reproduce
+      ligo_weight_decay=0.1,
+      ligo_depth_init="stackbert_noisy",  # stackbert_noisy | stack | interleave
+      ligo_width_init="rand",  # rand | sel_noisy | copy
   )
   config.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1)
   config.sharding = dict(strategy="fsdp")  # dp | fsdp | fsdp_tp | fsdp_ep | fsdp_tp_ep

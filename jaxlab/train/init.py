@@ -3,8 +3,15 @@
 ``init.upcycle_from=WORKDIR`` upcycles the newest checkpoint of a dense run
 (`jaxlab.growth.upcycle`) into this run's MoE model: parameters and optimizer moments
 carried, the step and the learning-rate schedule started again, so this run trains for
-its own ``train.steps`` on its own schedule. It happens only when this run's workdir has
-no checkpoint yet: a resumed run never starts from the other run again.
+its own ``train.steps`` on its own schedule.
+
+``init.grow_from=WORKDIR`` grows the newest checkpoint of a smaller run into this run's
+model with ``init.operator`` (`jaxlab.growth.grow`); for ``ligo`` the operator is first
+trained on this run's data for ``init.ligo_steps`` steps (`jaxlab.train.grow`). The grown
+run starts at step 0 with a fresh optimizer, as the papers' grown models do.
+
+Either happens only when this run's workdir has no checkpoint yet: a resumed run never
+starts from the other run again.
 """
 
 from __future__ import annotations
@@ -19,10 +26,14 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jaxlab.growth import check_upcycle, upcycle
+from jaxlab.growth import LiGO, check_grow, check_upcycle, grow, upcycle
+from jaxlab.growth.grow import WIDTHS
+from jaxlab.growth.ligo import DEPTH_INITS, WIDTH_INITS
+from jaxlab.growth.width import MAPPINGS
 from jaxlab.nn import ModelConfig
 from jaxlab.sharding import use_mesh
 from jaxlab.train.checkpoint import Checkpointer, restore_target
+from jaxlab.train.grow import fit_ligo
 from jaxlab.train.optim import make_optimizer
 from jaxlab.train.state import TrainState, abstract_train_state, create_train_state, state_shardings
 
@@ -58,11 +69,27 @@ class SourceRun:
 
 def check_init(config: ml_collections.ConfigDict, model_config: ModelConfig) -> SourceRun | None:
   """The run that ``config.init`` starts from (checked against this run's model), or None."""
-  if config.init.upcycle_from is None:
-    return None
-  source = SourceRun(config.init.upcycle_from, "init.upcycle_from")
-  check_upcycle(source.model_config, model_config)
-  return source
+  init = config.init
+  if init.upcycle_from is not None and init.grow_from is not None:
+    raise ValueError("init.upcycle_from and init.grow_from are both set: a run starts from one other run.")
+  if init.upcycle_from is not None:
+    source = SourceRun(init.upcycle_from, "init.upcycle_from")
+    check_upcycle(source.model_config, model_config)
+    return source
+  if init.grow_from is not None:
+    choices = {"init.width": (init.width, WIDTHS), "init.mapping": (init.mapping, MAPPINGS),
+               "init.ligo_depth_init": (init.ligo_depth_init, DEPTH_INITS),
+               "init.ligo_width_init": (init.ligo_width_init, WIDTH_INITS)}
+    for field, (value, allowed) in choices.items():
+      if value not in allowed:
+        raise ValueError(f"{field}={value!r}: choose one of {allowed}")
+    if init.ligo_steps < 1 and init.operator == "ligo":
+      raise ValueError(f"init.ligo_steps={init.ligo_steps}: LiGO trains its operator for at least one step "
+                       f"(the paper: 100)")
+    source = SourceRun(init.grow_from, "init.grow_from")
+    check_grow(source.model_config, model_config, init.operator)
+    return source
+  return None
 
 
 def restart_schedule(opt_state: Any) -> Any:
@@ -73,24 +100,50 @@ def restart_schedule(opt_state: Any) -> Any:
                       opt_state, is_leaf=is_schedule)
 
 
-def initial_state(setup, source: SourceRun | None) -> TrainState:
-  """A fresh state, or the source run's state upcycled, in this run's shardings."""
-  config = setup.config
+def _upcycled(setup, source: SourceRun, fresh: TrainState) -> TrainState:
+  seed = setup.config.seed
+  dense = source.restore(setup.mesh, setup.rules)
+  carried = jax.eval_shape(lambda s: upcycle(s, source.model_config, setup.model_config, seed=seed), dense)
+  keep_optimizer = jax.tree.structure(carried.opt_state) == jax.tree.structure(fresh.opt_state)
+  if not keep_optimizer:
+    log.warning("the optimizer of %s differs from this run's (optim.trainable?): its state is not carried",
+                source.workdir)
+
+  def start(dense, fresh):
+    state = upcycle(dense, source.model_config, setup.model_config, seed=seed)
+    opt_state = restart_schedule(state.opt_state) if keep_optimizer else fresh.opt_state
+    return fresh.replace(params=state.params, opt_state=opt_state, model_state=state.model_state)
+
+  return jax.jit(start, out_shardings=setup.shardings, donate_argnums=1)(dense, fresh)
+
+
+def _grown(setup, source: SourceRun, fresh: TrainState, batches) -> tuple[TrainState, dict[str, Any]]:
+  init, seed = setup.config.init, setup.config.seed
+  small = source.restore(setup.mesh, setup.rules).params
+  report: dict[str, Any] = {"grow_from": str(source.workdir), "source_step": source.step, "operator": init.operator}
+  if init.operator == "ligo":
+    ligo = LiGO(source.model_config, setup.model_config, mapping=init.mapping, seed=seed)
+    theta, report["ligo_loss"] = fit_ligo(ligo, small, fresh.model_state, setup, batches)
+    report["ligo_steps"] = init.ligo_steps
+    make = lambda small: ligo.apply(theta, small)  # noqa: E731
+  else:
+    make = lambda small: grow(small, source.model_config, setup.model_config, init.operator,  # noqa: E731
+                              width=init.width, mapping=init.mapping, seed=seed, noise=init.noise)
+  state = jax.jit(lambda small, fresh: fresh.replace(params=make(small)), out_shardings=setup.shardings,
+                  donate_argnums=1)(small, fresh)
+  return state, report
+
+
+def initial_state(setup, source: SourceRun | None, batches=None) -> tuple[TrainState, dict[str, Any]]:
+  """A fresh state, or the source run's state upcycled or grown, in this run's shardings,
+  and a report of how it was made. ``batches``: this run's global training batches, which
+  LiGO's operator training draws from."""
   with use_mesh(setup.mesh, setup.rules):
-    fresh = create_train_state(setup.model_config, setup.tx, config.seed, setup.shardings)
+    fresh = create_train_state(setup.model_config, setup.tx, setup.config.seed, setup.shardings)
     if source is None:
-      return fresh
-    log.info("upcycling %s step %d into this run", source.workdir, source.step)
-    dense = source.restore(setup.mesh, setup.rules)
-    carried = jax.eval_shape(lambda s: upcycle(s, source.model_config, setup.model_config, seed=config.seed), dense)
-    keep_optimizer = jax.tree.structure(carried.opt_state) == jax.tree.structure(fresh.opt_state)
-    if not keep_optimizer:
-      log.warning("the optimizer of %s differs from this run's (optim.trainable?): its state is not carried",
-                  source.workdir)
-
-    def start(dense, fresh):
-      state = upcycle(dense, source.model_config, setup.model_config, seed=config.seed)
-      opt_state = restart_schedule(state.opt_state) if keep_optimizer else fresh.opt_state
-      return fresh.replace(params=state.params, opt_state=opt_state, model_state=state.model_state)
-
-    return jax.jit(start, out_shardings=setup.shardings, donate_argnums=1)(dense, fresh)
+      return fresh, {}
+    if source.field == "init.upcycle_from":
+      log.info("upcycling %s step %d into this run", source.workdir, source.step)
+      return _upcycled(setup, source, fresh), {"upcycle_from": str(source.workdir), "source_step": source.step}
+    log.info("growing %s step %d into this run with %s", source.workdir, source.step, setup.config.init.operator)
+    return _grown(setup, source, fresh, batches)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -130,8 +131,20 @@ class Trainer:
     self.source = None if resuming else check_init(config, self.model_config)  # the run this one starts from
     self.checkpointer = Checkpointer(self.workdir / "checkpoints", keep=config.train.keep_checkpoints)
 
-  def init_state(self) -> TrainState:
-    return initial_state(self.setup, self.source)
+  def init_state(self, data_iterator=None) -> TrainState:
+    """The initial state (`jaxlab.train.init`); how it was made goes to ``init.json``.
+    LiGO's operator training draws its batches from ``data_iterator``."""
+    batches = None if data_iterator is None else (
+        _global_batch(next(data_iterator), self.batch_sharding) for _ in itertools.count())
+    state, report = initial_state(self.setup, self.source, batches)
+    if "ligo_steps" in report:  # each operator step runs the large model forward and backward
+      tokens = self.config.data.batch_size * self.config.data.seq_len
+      report["ligo_flops"] = report["ligo_steps"] * tokens * train_flops_per_token(
+          self.abstract.params, self.model_config, self.config.data.seq_len)
+    if report and jax.process_index() == 0:
+      self.workdir.mkdir(parents=True, exist_ok=True)
+      (self.workdir / "init.json").write_text(json.dumps(report, indent=2))
+    return state
 
   def restore_or_init(self, data_iterator) -> TrainState:
     """The newest intact checkpoint's state (and data position), else the initial state
@@ -139,7 +152,7 @@ class Trainer:
     target = restore_target(self.abstract, self.shardings)
     step, state = self.checkpointer.restore_newest_intact(target, data_iterator)
     if step is None:
-      return self.init_state()
+      return self.init_state(data_iterator)
     log.info("resuming from %s step %d", self.checkpointer.directory, step)
     return state
 

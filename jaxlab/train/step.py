@@ -33,7 +33,7 @@ def weighted_cross_entropy(logits_BxLxV: jax.Array, batch: Batch) -> tuple[jax.A
   return jnp.sum(losses * weights), jnp.sum(correct * weights), jnp.sum(weights)
 
 
-def _forward(graphdef: nnx.GraphDef, params: Any, model_state: Any, batch: Batch, dtype, rng):
+def forward(graphdef: nnx.GraphDef, params: Any, model_state: Any, batch: Batch, dtype, rng):
   """Logits and the model's captured (losses, metrics) (`jaxlab.nn.reports`)."""
   model = nnx.merge(graphdef, cast_floating(params, dtype), model_state)
   inputs = shard(batch["inputs"], ("batch", "length"))
@@ -71,7 +71,7 @@ def train_step(
   rng, step_rng = jax.random.split(state.rng)
 
   def objective(params, micro, micro_rng):
-    logits, losses, metrics = _forward(graphdef, params, state.model_state, micro, dtype, micro_rng)
+    logits, losses, metrics = forward(graphdef, params, state.model_state, micro, dtype, micro_rng)
     ce, _, _ = weighted_cross_entropy(logits, micro)
     value = ce / total_weight + _sum_leaves(losses) / num_sequences
     return value, (ce, losses, metrics)

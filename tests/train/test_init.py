@@ -1,5 +1,6 @@
-"""Starting a run from another run's checkpoint: ``init.upcycle_from``."""
+"""Starting a run from another run's checkpoint: ``init.upcycle_from`` and ``init.grow_from``."""
 
+import json
 import shutil
 
 import pytest
@@ -40,3 +41,64 @@ def test_a_missing_source_is_refused_before_anything_is_written(tiny_config, tmp
   with pytest.raises(FileNotFoundError, match="init.upcycle_from=.*has no config.json"):
     Trainer(tiny_config, tmp_path / "run")
   assert not (tmp_path / "run").exists()
+
+
+def _small_run(config, workdir):
+  config.train.update(steps=2, checkpoint_every=2, eval_every=2, num_samples=0)
+  config.optim.warmup_steps = 1
+  small = Trainer(config, workdir)
+  small.run()
+  return small
+
+
+def test_a_run_grown_by_identity_insertion_starts_at_the_small_models_loss_and_resumes_without_it(
+    tiny_config, tmp_path):
+  small = _small_run(tiny_config, tmp_path / "small")
+  deep = tiny_config.copy_and_resolve_references()
+  deep.model.num_layers = 2 * tiny_config.model.num_layers
+  deep.init.update(grow_from=str(tmp_path / "small"), operator="identity")
+  grown = Trainer(deep, tmp_path / "deep")
+  grown.run()
+  first = next(iter(data_lib.train_dataset(grown.sources.train, deep.data.batch_size, deep.seed)))
+  sums = small.eval_step(small.state, {k: first[k] for k in ("inputs", "targets", "weights")})
+  records = [r for r in read_metrics(tmp_path / "deep" / "metrics.jsonl") if "train/loss" in r]
+  assert records[0]["train/loss"] == pytest.approx(float(sums["loss_sum"] / sums["weight_sum"]), rel=1e-5)
+  assert [r["step"] for r in records] == [1, 2]  # step 0 again, a fresh optimizer
+  assert int(grown.state.opt_state[1][0].count) == 2
+  report = json.loads((tmp_path / "deep" / "init.json").read_text())
+  assert report["operator"] == "identity" and report["source_step"] == 2
+  shutil.rmtree(tmp_path / "small")
+  assert Trainer(deep, tmp_path / "deep").source is None
+
+
+def test_a_ligo_run_trains_its_operator_then_continues_as_a_plain_run(tiny_config, tmp_path):
+  _small_run(tiny_config, tmp_path / "small")
+  large = tiny_config.copy_and_resolve_references()
+  large.model.update(num_layers=tiny_config.model.num_layers + 1, d_model=2 * tiny_config.model.d_model,
+                     num_heads=2 * tiny_config.model.num_heads, mlp_dim=2 * tiny_config.model.mlp_dim)
+  large.init.update(grow_from=str(tmp_path / "small"), operator="ligo", ligo_steps=6, ligo_lr=3e-2, ligo_warmup=1)
+  run = Trainer(large, tmp_path / "large")
+  summary = run.run()
+  report = json.loads((tmp_path / "large" / "init.json").read_text())
+  assert len(report["ligo_loss"]) == 6 and report["ligo_flops"] > 0
+  assert min(report["ligo_loss"][1:]) < report["ligo_loss"][0]  # the operator learned
+  assert summary["final_step"] == 2
+  assert list(run.state.params["blocks"][0]["mixer"]["q"]["kernel"].shape)[0] == 2 * tiny_config.model.d_model
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("operator", "grow_big", "operator='grow_big'"),
+    ("width", "tile", "init.width='tile'"),
+    ("ligo_width_init", "ones", "init.ligo_width_init='ones'"),
+])
+def test_bad_growth_settings_are_refused_before_anything_is_written(tiny_config, tmp_path, field, value, message):
+  _small_run(tiny_config, tmp_path / "small")
+  large = tiny_config.copy_and_resolve_references()
+  large.model.num_layers += 1
+  large.init.update(grow_from=str(tmp_path / "small"), **{field: value})
+  with pytest.raises(ValueError, match=message):
+    Trainer(large, tmp_path / "large")
+  assert not (tmp_path / "large").exists()
+  large.init.update(**{field: tiny_config.init[field]}, upcycle_from=str(tmp_path / "small"))
+  with pytest.raises(ValueError, match="both set"):
+    Trainer(large, tmp_path / "large")
