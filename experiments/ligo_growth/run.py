@@ -3,6 +3,7 @@ training from scratch with fewer FLOPs (LiGO, Wang et al., ICLR 2023, and its ba
 
   python experiments/ligo_growth/run.py --workdir=runs/ligo_growth                   # CPU, ~25 min a seed
   python experiments/ligo_growth/run.py --workdir=... --size=accelerator
+  python experiments/ligo_growth/run.py --workdir=... --family=mamba2 --arms=scratch,bert2bert,ligo
 
 The paper grows BERT-Small (6 layers, width 512) into BERT-Base (12, 768): twice the depth,
 1.5 times the width. At CPU size the same shape: a 2-layer, width-128 byte-level LM on
@@ -21,7 +22,8 @@ The small model's pretraining FLOPs are reported apart, as the paper does; LiGO'
 steps count as full steps of the large model, MSLT's frozen-layer steps as forward passes
 of the frozen layers plus full steps of the new ones. Each arm is evaluated on the whole
 validation split every ``eval_every`` steps; "FLOPs to reach scratch" interpolates that
-curve at scratch's final validation loss.
+curve at scratch's final validation loss. ``--family=mamba2|moe`` grows a Mamba-2 or a
+MoE LM (4 experts, top-2, experts widened with the MLP) the same way.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ SIZES = {
                         large=dict(d_model=768, num_layers=12, num_heads=12, mlp_dim=3072)),
 }
 ARMS = ("scratch", "stack", "mslt", "bert2bert", "aki", "net2net", "ligo")
+# The same growth on the other families (``--family``): a Mamba-2 LM and a MoE LM.
+FAMILIES = {"lm": {}, "mamba2": dict(mixers=("mamba2",), ssm_head_dim=32),
+            "moe": dict(ffns=("moe",), moe_num_experts=4, moe_top_k=2)}
 PAPER_SAVINGS = {"ligo": 44.7, "stack": 33, "mslt": 33, "bert2bert": 29}  # % FLOPs, BERT-Small -> Base
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/ligo_growth", "Where runs train and checkpoint.")
@@ -59,6 +64,7 @@ _RESULTS = flags.DEFINE_string("results", str(HERE / "results"), "Where the tabl
 _SIZE = flags.DEFINE_enum("size", "cpu", list(SIZES), "Model and step budget.")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds of every arm.")
 _ARMS = flags.DEFINE_list("arms", list(ARMS), "Arms to run.")
+_FAMILY = flags.DEFINE_enum("family", "lm", list(FAMILIES), "The block type of both models.")
 _SCALE = flags.DEFINE_float("scale", 1.0, "Multiplies the step counts (0.02 for a smoke run).")
 
 log = logging.getLogger("jaxlab")
@@ -72,7 +78,7 @@ def config_for(seed: int, model: dict, steps: int):
   size = SIZES[_SIZE.value]
   config = base_config()
   config.seed = seed
-  config.model.update(vocab_size=384, **model)
+  config.model.update(vocab_size=384, **FAMILIES[_FAMILY.value], **model)
   config.data.update(source="python_docs", seq_len=size["seq_len"], batch_size=size["batch_size"])
   config.optim.update(learning_rate=3e-3, warmup_steps=min(50, steps // 4))
   every = max(1, round(size["eval_every"] * _SCALE.value))
@@ -182,13 +188,14 @@ def main(argv) -> None:
   absl_logging.set_verbosity(absl_logging.WARNING)
   results_dir = Path(_RESULTS.value)
   results_dir.mkdir(parents=True, exist_ok=True)
-  path = results_dir / "results.json"
+  path = results_dir / ("results.json" if _FAMILY.value == "lm" else f"results_{_FAMILY.value}.json")
   saved = json.loads(path.read_text()) if path.exists() else {"small": {}, "arms": []}
   done = {(r["arm"], r["seed"]) for r in saved["arms"]}
   size = SIZES[_SIZE.value]
   steps, small_steps = (max(8, int(size[k] * _SCALE.value)) for k in ("steps", "small_steps"))
+  root = Path(_WORKDIR.value) / ("" if _FAMILY.value == "lm" else _FAMILY.value)
   for seed in map(int, _SEEDS.value):
-    small_dir = Path(_WORKDIR.value) / "small" / str(seed)
+    small_dir = root / "small" / str(seed)
     small_config = config_for(seed, size["small"], small_steps)
     small = train(small_config, small_dir)
     saved["small"][str(seed)] = {
@@ -198,11 +205,11 @@ def main(argv) -> None:
     for name in _ARMS.value:
       if (name, seed) in done:
         continue
-      saved["arms"].append(run_arm(name, seed, steps, small_dir, Path(_WORKDIR.value) / name / str(seed)))
+      saved["arms"].append(run_arm(name, seed, steps, small_dir, root / name / str(seed)))
       log.warning("%s", json.dumps({k: v for k, v in saved["arms"][-1].items() if k != "curve"}))
       path.write_text(json.dumps(saved, indent=1))
   summary = summarize(saved["arms"], saved["small"][_SEEDS.value[0]])
-  (results_dir / "summary.md").write_text(summary)
+  (results_dir / path.name.replace("results", "summary").replace(".json", ".md")).write_text(summary)
   print(summary)
 
 

@@ -52,14 +52,14 @@ class LiGO:
                        for i in range(target.num_layers)]
     self.template = abstract_params(target)
     self.names = list(by_name(self.template))
-    self.spaces = sorted({(self._layer(name), units.space) for name in self.names
+    self.width_spaces = sorted({(self._layer(name), units.space) for name in self.names
                           for units in self._units(name) if self.plan.maps(self._layer(name))(units.space)},
                          key=str)
 
   @staticmethod
   def _layer(name: str) -> int | None:
     match = spaces.LAYER.fullmatch(name)
-    return None if match is None or name.startswith("pregate/") else int(match.group(1))
+    return None if match is None else int(match.group(1))
 
   def _units(self, name: str) -> list[spaces.Units]:
     parts = []
@@ -88,7 +88,7 @@ class LiGO:
       w = rng.uniform(0, NOISE, len(cands)) if depth_init == "stackbert_noisy" else np.zeros(len(cands))
       w[cands.index(sources[layer][0])] = 1.0
       params[f"depth/{name}"] = jnp.asarray(w / w.sum(), jnp.float32)
-    for layer, space in self.spaces:
+    for layer, space in self.width_spaces:
       key = self._width_key(layer, space)
       if key in params:
         continue

@@ -151,7 +151,7 @@ def rule(config: ModelConfig, name: str) -> Rule:
     else:
       table = MIXERS[config.mixer_of(layer)](config)
   elif name.startswith("pregate/"):
-    return Rule(tuple([None] * 8))  # the pre-gating router reads token ids only: never widened
+    return Rule(())  # the pre-gating router reads token ids only: never widened
   else:
     # The final norm feeds only the head; a tied head reads the copied embedding table,
     # so the final norm takes the consumer's side (Net2Net's division) for it.

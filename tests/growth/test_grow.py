@@ -32,6 +32,8 @@ BLOCKS = {
     "s4d": dict(mixers=("s4d",)),
     "moe_shared": dict(ffns=("moe",), moe_num_experts=4, moe_top_k=2, moe_shared_experts=1, moe_shared_gate=True),
     "tied": dict(tie_embeddings=True),
+    "pregated_moe": dict(ffns=("moe",), moe_router="pregate", moe_num_experts=4, moe_top_k=1, moe_pregate_dim=8,
+                         moe_pregate_heads=2),
     "hybrid": dict(mixers=("attention", "mamba"), ffns=("mlp", "moe"), ssm_impl="sequential", moe_num_experts=4),
 }
 TOKENS = jax.random.randint(jax.random.key(1), (2, 13), 0, BASE.vocab_size)

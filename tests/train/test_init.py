@@ -2,11 +2,12 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
 from jaxlab import data as data_lib
-from jaxlab.train import Trainer
+from jaxlab.train import Trainer, load_config_module
 from jaxlab.train.metrics import read_metrics
 
 
@@ -43,17 +44,21 @@ def test_a_missing_source_is_refused_before_anything_is_written(tiny_config, tmp
   assert not (tmp_path / "run").exists()
 
 
-def _small_run(config, workdir):
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+  """A two-step lm_tiny run that the growth tests grow (read-only)."""
+  config = load_config_module(Path(__file__).resolve().parents[2] / "experiments/configs/lm_tiny.py").get_config()
   config.train.update(steps=2, checkpoint_every=2, eval_every=2, num_samples=0)
   config.optim.warmup_steps = 1
-  small = Trainer(config, workdir)
-  small.run()
-  return small
+  trainer = Trainer(config, tmp_path_factory.mktemp("small"))
+  trainer.run()
+  return trainer
 
 
 def test_a_run_grown_by_identity_insertion_starts_at_the_small_models_loss_and_resumes_without_it(
-    tiny_config, tmp_path):
-  small = _small_run(tiny_config, tmp_path / "small")
+    small, tmp_path):
+  shutil.copytree(small.workdir, tmp_path / "small")
+  tiny_config = small.config
   deep = tiny_config.copy_and_resolve_references()
   deep.model.num_layers = 2 * tiny_config.model.num_layers
   deep.init.update(grow_from=str(tmp_path / "small"), operator="identity")
@@ -71,12 +76,12 @@ def test_a_run_grown_by_identity_insertion_starts_at_the_small_models_loss_and_r
   assert Trainer(deep, tmp_path / "deep").source is None
 
 
-def test_a_ligo_run_trains_its_operator_then_continues_as_a_plain_run(tiny_config, tmp_path):
-  _small_run(tiny_config, tmp_path / "small")
+def test_a_ligo_run_trains_its_operator_then_continues_as_a_plain_run(small, tmp_path):
+  tiny_config = small.config
   large = tiny_config.copy_and_resolve_references()
   large.model.update(num_layers=tiny_config.model.num_layers + 1, d_model=2 * tiny_config.model.d_model,
                      num_heads=2 * tiny_config.model.num_heads, mlp_dim=2 * tiny_config.model.mlp_dim)
-  large.init.update(grow_from=str(tmp_path / "small"), operator="ligo", ligo_steps=6, ligo_lr=3e-2, ligo_warmup=1)
+  large.init.update(grow_from=str(small.workdir), operator="ligo", ligo_steps=6, ligo_lr=3e-2, ligo_warmup=1)
   run = Trainer(large, tmp_path / "large")
   summary = run.run()
   report = json.loads((tmp_path / "large" / "init.json").read_text())
@@ -91,14 +96,14 @@ def test_a_ligo_run_trains_its_operator_then_continues_as_a_plain_run(tiny_confi
     ("width", "tile", "init.width='tile'"),
     ("ligo_width_init", "ones", "init.ligo_width_init='ones'"),
 ])
-def test_bad_growth_settings_are_refused_before_anything_is_written(tiny_config, tmp_path, field, value, message):
-  _small_run(tiny_config, tmp_path / "small")
+def test_bad_growth_settings_are_refused_before_anything_is_written(small, tmp_path, field, value, message):
+  tiny_config = small.config
   large = tiny_config.copy_and_resolve_references()
   large.model.num_layers += 1
-  large.init.update(grow_from=str(tmp_path / "small"), **{field: value})
+  large.init.update(grow_from=str(small.workdir), **{field: value})
   with pytest.raises(ValueError, match=message):
     Trainer(large, tmp_path / "large")
   assert not (tmp_path / "large").exists()
-  large.init.update(**{field: tiny_config.init[field]}, upcycle_from=str(tmp_path / "small"))
+  large.init.update(**{field: tiny_config.init[field]}, upcycle_from=str(small.workdir))
   with pytest.raises(ValueError, match="both set"):
     Trainer(large, tmp_path / "large")
