@@ -61,8 +61,9 @@ def check_grow(config: ModelConfig, target: ModelConfig, operator: str) -> None:
     problems.append(f"attention heads are units of a fixed width: the head width {config.dim_per_head} -> "
                     f"{target.dim_per_head} (set model.head_dim, or grow num_heads with d_model)")
   if any(target.mixer_of(i) == "gla" for i in range(target.num_layers)):
-    for what, small, large in [("key", config.gla_key_dim // config.gla_num_heads, target.gla_key_dim // target.gla_num_heads),
-                               ("value", config.gla_value_dim // config.gla_num_heads, target.gla_value_dim // target.gla_num_heads)]:
+    head = lambda c, what: getattr(c, f"gla_{what}_dim") // c.gla_num_heads  # noqa: E731
+    for what in ("key", "value"):
+      small, large = head(config, what), head(target, what)
       if small != large:
         problems.append(f"GLA heads are units of a fixed width: the {what} head width {small} -> {large} "
                         f"(grow model.gla_heads with d_model)")
