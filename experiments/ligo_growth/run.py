@@ -40,7 +40,7 @@ from absl import logging as absl_logging
 
 from jaxlab.growth import new_layers
 from jaxlab.nn import ModelConfig
-from jaxlab.train import Trainer, base_config
+from jaxlab.train import RunPreempted, Trainer, base_config
 from jaxlab.train.flops import train_flops_per_token
 from jaxlab.train.metrics import read_metrics
 
@@ -71,10 +71,6 @@ _SCALE = flags.DEFINE_float("scale", 1.0, "Multiplies the step counts (0.02 for 
 log = logging.getLogger("jaxlab")
 
 
-class Preempted(RuntimeError):
-  """A run stopped on a signal: the study stops too (rerun to resume)."""
-
-
 def config_for(seed: int, model: dict, steps: int):
   size = SIZES[_SIZE.value]
   config = base_config()
@@ -92,8 +88,8 @@ def train(config, workdir: Path, *, step0: dict | None = None) -> Trainer:
   trainer = Trainer(config, workdir)
   if step0 is not None:
     step0["step0_val_loss"] = trainer.evaluate_source(trainer.init_state(), trainer.sources.validation)["loss"]
-  if trainer.run()["preempted"]:
-    raise Preempted(f"{workdir} was stopped; rerun the study to resume")
+  if trainer.run()["preempted"]:  # stop the study too (rerun it to resume)
+    raise RunPreempted(f"the run in {workdir} was stopped; rerun to resume")
   return trainer
 
 

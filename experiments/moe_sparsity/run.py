@@ -34,7 +34,7 @@ import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 
-from jaxlab.train import Trainer, base_config
+from jaxlab.train import base_config, train_to_end
 from jaxlab.train.build import build_run
 from jaxlab.train.flops import train_flops_per_token
 
@@ -93,8 +93,7 @@ def flops(config) -> float:
 
 def run(name: str, config, workdir: Path) -> dict:
   start = time.time()
-  trainer = Trainer(config, workdir)
-  trainer.run()
+  trainer, _ = train_to_end(config, workdir)
   validation = trainer.evaluate_source(trainer.state, trainer.sources.validation)
   train = trainer.evaluate_source(trainer.state, trainer.sources.train)
   parameters = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.state.params))

@@ -39,7 +39,7 @@ from jaxlab import data as data_lib
 from jaxlab import serving
 from jaxlab.growth import readme
 from jaxlab.nn import ModelConfig, Transformer
-from jaxlab.train import Trainer, load_config_module
+from jaxlab.train import Trainer, load_config_module, train_to_end
 from jaxlab.train.build import build_run
 from jaxlab.train.state import TrainState
 
@@ -79,9 +79,7 @@ def base_config():
 
 
 def train(config, workdir: Path) -> Trainer:
-  trainer = Trainer(config, workdir)
-  trainer.run()
-  return trainer
+  return train_to_end(config, workdir)[0]
 
 
 def model_of(trainer: Trainer) -> Transformer:

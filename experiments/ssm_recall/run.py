@@ -31,7 +31,7 @@ from flax import nnx  # noqa: E402
 
 from jaxlab.data.synthetic import MQAR  # noqa: E402
 from jaxlab.nn.diagnostics import influence_by_distance, oversmoothing  # noqa: E402
-from jaxlab.train import Trainer, load_config_module  # noqa: E402
+from jaxlab.train import load_config_module, train_to_end  # noqa: E402
 from jaxlab.train.evaluate import sequence_metrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,8 +81,7 @@ def run_one(name: str, depth: int, workdir: Path) -> dict:
     config.train.update(steps=_STEPS.value, eval_every=_STEPS.value, checkpoint_every=_STEPS.value)
     config.optim.warmup_steps = min(config.optim.warmup_steps, _STEPS.value // 2)
   start = time.time()
-  trainer = Trainer(config, workdir)
-  summary = trainer.run()
+  trainer, summary = train_to_end(config, workdir)
   model = nnx.merge(trainer.graphdef, trainer.state.params, trainer.state.model_state)
   accuracy = {f"{t}/{k}": sequence_metrics(trainer.graphdef, trainer.state,
                                            test_set(config, t, k, _EXAMPLES.value))["token_accuracy"]

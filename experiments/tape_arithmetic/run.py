@@ -28,7 +28,7 @@ from flax import nnx  # noqa: E402
 
 from jaxlab.data.synthetic import Addition, Passkey  # noqa: E402
 from jaxlab.nn import ModelConfig, Transformer  # noqa: E402
-from jaxlab.train import Trainer, load_config_module  # noqa: E402
+from jaxlab.train import load_config_module, train_to_end  # noqa: E402
 from jaxlab.train.evaluate import sequence_metrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,8 +84,7 @@ def run_one(task: str, encoding: str, seed: int, workdir: Path) -> dict:
     config.optim.warmup_steps = min(config.optim.warmup_steps, _STEPS.value // 2)
   params = match_parameters(config)
   start = time.time()
-  trainer = Trainer(config, workdir)
-  summary = trainer.run()
+  trainer, summary = train_to_end(config, workdir)
   metrics = {n: sequence_metrics(trainer.graphdef, trainer.state, source_at(task, n, spec["examples"]))
              for n in spec["lengths"]}
   return {"task": task, "encoding": encoding, "seed": seed, "parameters": params,

@@ -285,6 +285,21 @@ class Trainer:
       (self.workdir / "samples.txt").write_text("\n".join(text))
 
 
+class RunPreempted(RuntimeError):
+  """A run stopped on a signal (after its checkpoint) before ``train.steps``."""
+
+
+def train_to_end(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Trainer, dict[str, Any]]:
+  """A run trained to ``train.steps`` and its summary. Raises RunPreempted when a signal
+  stopped it, so that a study stops too instead of going on to its next run (rerun it to
+  resume from the checkpoint)."""
+  trainer = Trainer(config, workdir)
+  summary = trainer.run()
+  if summary["preempted"]:
+    raise RunPreempted(f"the run in {workdir} was stopped at step {summary['final_step']}; rerun to resume")
+  return trainer, summary
+
+
 def train_and_report(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
   """Trains, then writes the report. The summary (also ``summary.json``) holds
   ``start_step``, ``final_step``, ``preempted`` (a signal stopped the run after a

@@ -16,7 +16,7 @@ import pytest
 
 from jaxlab import data as data_lib
 from jaxlab.cli import EXIT_STOPPED
-from jaxlab.train import NonFiniteLossError, Trainer, report, train_and_report
+from jaxlab.train import NonFiniteLossError, RunPreempted, Trainer, report, train_and_report, train_to_end
 from jaxlab.train import build as build_lib
 from jaxlab.train.checkpoint import CheckpointMismatchError, CorruptCheckpointError, restore_target
 from jaxlab.train.optim import make_optimizer
@@ -297,3 +297,11 @@ def test_moe_run_logs_router_metrics_and_resumes_its_balancing_bias_exactly(tiny
   bias = lambda t: np.asarray(jax.device_get(t.state.model_state["blocks"][1]["ffn"]["router"]["bias"][...]))  # noqa: E731
   np.testing.assert_array_equal(bias(resumed), bias(whole))
   assert np.any(bias(whole) != 0)
+
+
+def test_train_to_end_stops_a_study_when_its_run_was_preempted(tiny_config, tmp_path, monkeypatch):
+  monkeypatch.setattr(Trainer, "run", lambda self: {"preempted": True, "final_step": 3})
+  with pytest.raises(RunPreempted, match="stopped at step 3"):
+    train_to_end(tiny_config, tmp_path)
+  monkeypatch.setattr(Trainer, "run", lambda self: {"preempted": False, "final_step": 8})
+  assert train_to_end(tiny_config, tmp_path)[1]["final_step"] == 8
