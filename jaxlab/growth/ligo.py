@@ -20,7 +20,8 @@ Initialization (``--fuse_init_scheme stackbert_noisy rand``): depth w = U(0, 0.0
 normalized to sum 1. ``depth_init="stack", width_init="copy"`` is one-hot: the grown
 model is then exactly `grow(..., "stack", width="copy")` with the same mapping and seed.
 After training the operator (`jaxlab.train.grow`), `LiGO.apply` materializes a plain
-large model that trains like any other.
+large model that trains like any other. ``kronecker=k`` factorizes each width map into a
+Kronecker product (`LiGO.init`), for models whose C would be large.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ NOISE = 0.03  # the official U(0, 0.03) init noise
 class LiGO:
   """The operator from ``config`` to ``target``: `init` its parameters, `apply` them."""
 
-  def __init__(self, config: ModelConfig, target: ModelConfig, *, mapping: str = "random", seed: int = 0):
-    self.config, self.target = config, target
+  def __init__(self, config: ModelConfig, target: ModelConfig, *, mapping: str = "random", seed: int = 0,
+               kronecker: int | None = None):
+    self.config, self.target, self.kronecker = config, target, kronecker
     self.plan = WidthPlan(config, target, mapping, seed)
     self.seed = seed
     self.candidates = [[l for l in range(config.num_layers) if block_type(config, l) == block_type(target, i)]
@@ -71,12 +73,20 @@ class LiGO:
   def _width_key(layer: int | None, space: str) -> str:
     return f"width/{space}" if space in spaces.GLOBAL_SPACES else f"width/{layer}/{space}"
 
+  def _factored(self, new: int, old: int) -> bool:
+    """Whether a [new, old] C is stored as outer ⊗ inner, inner [k, k] (``kronecker=k``)."""
+    return self.kronecker is not None and new % self.kronecker == 0 and old % self.kronecker == 0
+
   def init(self, depth_init: str = "stackbert_noisy", width_init: str = "rand") -> dict[str, jax.Array]:
     """The operator's parameters: ``depth/<large tensor>`` [small layers of its kind] and
-    ``width/[<layer>/]<space>`` C [new units, old units]."""
+    ``width/[<layer>/]<space>`` C [new units, old units]. With ``kronecker=k``, every C
+    whose sizes k divides is C_outer ⊗ C_inner (``.../outer`` [new/k, old/k], ``.../inner``
+    [k, k], both rows convex as ``rand``): (new·old)/k² + k² parameters instead of new·old."""
     if depth_init not in DEPTH_INITS or width_init not in WIDTH_INITS:
       raise ValueError(f"depth_init={depth_init!r}, width_init={width_init!r}: choose from {DEPTH_INITS} "
                        f"and {WIDTH_INITS}")
+    if self.kronecker is not None and width_init != "rand":
+      raise ValueError(f"Kronecker-factorized widths start from width_init='rand' (got {width_init!r})")
     rng = np.random.default_rng(self.seed + 1)
     sources = layer_sources(self.config, self.target, "interleave" if depth_init == "interleave" else "stack")
     params = {}
@@ -90,10 +100,16 @@ class LiGO:
       params[f"depth/{name}"] = jnp.asarray(w / w.sum(), jnp.float32)
     for layer, space in self.width_spaces:
       key = self._width_key(layer, space)
-      if key in params:
+      if key in params or f"{key}/outer" in params:
         continue
       unit_map = self.plan.maps(layer)(space)
       new, n = int(unit_map.new.sum()), unit_map.source_size
+      if self._factored(new, n):
+        k = self.kronecker
+        for part, shape in (("outer", (new // k, n // k)), ("inner", (k, k))):
+          rows = rng.uniform(0, 1, shape)
+          params[f"{key}/{part}"] = jnp.asarray(rows / rows.sum(axis=1, keepdims=True), jnp.float32)
+        continue
       if width_init == "rand":
         rows = rng.uniform(0, 1, (new, n))
       else:
@@ -120,7 +136,12 @@ class LiGO:
 
       def matrix(space):
         unit_map = self.plan.maps(layer)(space)
-        return None if unit_map is None else unit_map.matrix(operator_params[self._width_key(layer, space)])
+        if unit_map is None:
+          return None
+        key = self._width_key(layer, space)
+        rows = operator_params[key] if key in operator_params else jnp.kron(
+            operator_params[f"{key}/outer"], operator_params[f"{key}/inner"])
+        return unit_map.matrix(rows)
 
       return mix_units(x, spaces.rule(self.target, name).axes, matrix).astype(like.dtype)
 

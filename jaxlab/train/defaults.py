@@ -94,6 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
       ligo_weight_decay=0.1,
       ligo_depth_init="stackbert_noisy",  # stackbert_noisy | stack | interleave
       ligo_width_init="rand",  # rand | sel_noisy | copy
+      ligo_kronecker=optional(None, int),  # k: each width map C = C_outer ⊗ C_inner [k, k] (large models)
   )
   config.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1)
   config.sharding = dict(strategy="fsdp")  # dp | fsdp | fsdp_tp | fsdp_ep | fsdp_tp_ep

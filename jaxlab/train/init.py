@@ -122,7 +122,8 @@ def _grown(setup, source: SourceRun, fresh: TrainState, batches) -> tuple[TrainS
   small = source.restore(setup.mesh, setup.rules).params
   report: dict[str, Any] = {"grow_from": str(source.workdir), "source_step": source.step, "operator": init.operator}
   if init.operator == "ligo":
-    ligo = LiGO(source.model_config, setup.model_config, mapping=init.mapping, seed=seed)
+    ligo = LiGO(source.model_config, setup.model_config, mapping=init.mapping, seed=seed,
+                kronecker=init.ligo_kronecker)
     theta, report["ligo_loss"] = fit_ligo(ligo, small, fresh.model_state, setup, batches)
     report["ligo_steps"] = init.ligo_steps
     make = lambda small: ligo.apply(theta, small)  # noqa: E731

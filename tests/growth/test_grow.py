@@ -199,6 +199,26 @@ def test_ligo_init_follows_the_official_schemes_and_is_trainable():
   assert float(jnp.abs(grads["depth/blocks/4/ffn/down/kernel"]).max()) > 0
 
 
+def test_kronecker_factorized_ligo_is_the_full_map_at_c_equal_to_the_product():
+  small = config("attention", d_model=32, num_heads=4, mlp_dim=32)
+  target = dataclasses.replace(small, d_model=64, num_heads=8, mlp_dim=64, num_layers=3)
+  factored = growth.LiGO(small, target, seed=2, kronecker=4)
+  theta = factored.init()
+  assert theta["width/embed/outer"].shape == (8, 8) and theta["width/embed/inner"].shape == (4, 4)
+  np.testing.assert_allclose(np.asarray(jnp.kron(theta["width/embed/outer"], theta["width/embed/inner"]).sum(1)), 1.0,
+                             rtol=1e-5)
+  full = growth.LiGO(small, target, seed=2)
+  dense_theta = {name: value for name, value in theta.items() if not name.endswith(("/outer", "/inner"))}
+  for name in {n.rsplit("/", 1)[0] for n in theta if n.endswith("/outer")}:
+    dense_theta[name] = jnp.kron(theta[f"{name}/outer"], theta[f"{name}/inner"])
+  assert set(dense_theta) == set(full.init())
+  params = trained_like(small)
+  for name, value in by_name(factored.apply(theta, params)).items():
+    np.testing.assert_array_equal(value, by_name(full.apply(dense_theta, params))[name], err_msg=name)
+  with pytest.raises(ValueError, match="width_init='rand'"):
+    factored.init(width_init="copy")
+
+
 def test_net2net_noise_moves_only_new_units():
   small = config("attention")
   target = dataclasses.replace(small, mlp_dim=48)
