@@ -101,8 +101,8 @@ def _gla(config: ModelConfig) -> dict[str, Rule]:
   del config
   heads = Units("gla_heads")
   return {
-      "q/kernel": Rule((READ, heads, None)), "k/kernel": Rule((READ, heads, None)), "v/kernel": Rule((READ, heads, None)),
-      "gate/kernel": Rule((READ, heads, None)),
+      "q/kernel": Rule((READ, heads, None)), "k/kernel": Rule((READ, heads, None)),
+      "v/kernel": Rule((READ, heads, None)), "gate/kernel": Rule((READ, heads, None)),
       "o/kernel": Rule((Units("gla_heads", "in"), None, WRITE), output=True),
       "forget_down/kernel": Rule((READ, None)), "forget_up/kernel": Rule((None, heads, None)),
       "forget_up/bias": Rule((heads, None)), "norm_scale": Rule((None,)),

@@ -31,7 +31,8 @@ EXPERT = re.compile(r"blocks/(\d+)/ffn/experts/(gate|up|down)")
 
 def check_upcycle(config: ModelConfig, target: ModelConfig) -> None:
   """Raises ValueError naming what keeps ``config`` from upcycling into ``target``."""
-  differ = differing_fields(config, target, allowed=["ffns"] + [f.name for f in dataclasses.fields(target) if f.name.startswith("moe_")])
+  moe_fields = [f.name for f in dataclasses.fields(target) if f.name.startswith("moe_")]
+  differ = differing_fields(config, target, allowed=["ffns", *moe_fields])
   if differ:
     raise ValueError("upcycling changes only the FFNs; these fields differ:\n  " + "\n  ".join(differ))
   for layer in range(target.num_layers):

@@ -68,12 +68,9 @@ class UnitMap:
     new = outer.new[:, None] | inner.new[None, :]
     return cls(index.reshape(-1), new.reshape(-1), outer.source_size * inner.source_size)
 
-  def matrix(self, rows: jax.Array | None = None) -> jax.Array:
-    """The [q, n] matrix of this map: one-hot rows (``copy``), or LiGO's B with the old
-    units' rows one-hot and the new units' rows taken from ``rows`` [q - n, n]."""
+  def matrix(self, rows: jax.Array) -> jax.Array:
+    """LiGO's [q, n] B: the old units' rows one-hot, the new units' rows ``rows`` [q - n, n]."""
     eye = jax.nn.one_hot(self.index, self.source_size, dtype=jnp.float32)
-    if rows is None:
-      return eye
     return eye.at[np.flatnonzero(self.new)].set(rows)
 
 
@@ -98,7 +95,8 @@ class WidthPlan:
     shared = {space: draw(space) for space in ("kv_heads", "group")} if target.positional == "tape" else {}
     self.layers = []
     for _ in range(target.num_layers):
-      maps = {space: shared[space] if space in shared else draw(space) for space in LAYER_SPACES if space != "heads"}
+      maps = {space: shared[space] if space in shared else draw(space)
+              for space in LAYER_SPACES if space != "heads"}
       if maps["kv_heads"] or maps["group"]:
         maps["heads"] = UnitMap.product(maps["kv_heads"] or UnitMap.identity(config.kv_heads),
                                         maps["group"] or UnitMap.identity(space_size(config, "group")))

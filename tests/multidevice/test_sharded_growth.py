@@ -3,6 +3,7 @@ into its own shardings, and the result equals growing the gathered parameters on
 host; LiGO's operator training gives the same operator under any strategy."""
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -13,18 +14,21 @@ from jaxlab.growth import grow
 from jaxlab.growth.trees import by_name
 from jaxlab.nn import ModelConfig
 from jaxlab.sharding import logical_to_spec, strategy_rules
-from jaxlab.train import Trainer
+from jaxlab.train import Trainer, load_config_module
 
 FSDP_TP = dict(data=2, fsdp=2, tensor=2, expert=1)
 
 
-def small_run(config, workdir):
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+  """A two-step lm_tiny run on an fsdp mesh, which the tests grow (read-only)."""
+  config = load_config_module(Path(__file__).resolve().parents[2] / "experiments/configs/lm_tiny.py").get_config()
   config.sharding.strategy, config.mesh = "fsdp", dict(data=2, fsdp=4, tensor=1, expert=1)
   config.train.update(steps=2, eval_every=2, checkpoint_every=2, num_samples=0)
   config.optim.warmup_steps = 1
-  small = Trainer(config, workdir)
-  small.run()
-  return small
+  trainer = Trainer(config, tmp_path_factory.mktemp("small"))
+  trainer.run()
+  return trainer
 
 
 def grown_config(config, workdir, **init):
@@ -36,11 +40,11 @@ def grown_config(config, workdir, **init):
   return large
 
 
-@pytest.mark.parametrize("operator", ["bert2bert", "aki"])
-def test_sharded_growth_equals_growing_on_one_host(operator, tiny_config, tmp_path):
-  small = small_run(tiny_config, tmp_path / "small")
+def test_sharded_growth_equals_growing_on_one_host(small, tmp_path):
+  """AKI: Net2Net's copies and divisions, new units from the next layer, stacking."""
+  operator, tiny_config = "aki", small.config
   host_params = jax.device_get(small.state.params)
-  large = grown_config(tiny_config, tmp_path / "small", operator=operator)
+  large = grown_config(tiny_config, small.workdir, operator=operator)
   trainer = Trainer(large, tmp_path / "large")
   state = trainer.init_state()
   expected = by_name(grow(host_params, ModelConfig.from_dict(tiny_config.model), trainer.model_config, operator,
@@ -53,11 +57,10 @@ def test_sharded_growth_equals_growing_on_one_host(operator, tiny_config, tmp_pa
     assert var.get_value().sharding.spec == logical_to_spec(var.get_metadata()["out_sharding"], rules), name
 
 
-def test_ligo_trains_the_same_operator_on_any_mesh(tiny_config, tmp_path):
-  small_run(tiny_config, tmp_path / "small")
-  losses = {}
+def test_ligo_trains_the_same_operator_on_any_mesh(small, tmp_path):
+  tiny_config, losses = small.config, {}
   for strategy, mesh in [("fsdp_tp", FSDP_TP), ("dp", dict(data=8, fsdp=1, tensor=1, expert=1))]:
-    large = grown_config(tiny_config, tmp_path / "small", operator="ligo", ligo_steps=3, ligo_lr=1e-2, ligo_warmup=1)
+    large = grown_config(tiny_config, small.workdir, operator="ligo", ligo_steps=2, ligo_lr=1e-2, ligo_warmup=1)
     large.sharding.strategy, large.mesh = strategy, mesh
     trainer = Trainer(large, tmp_path / strategy)
     trainer.init_state(iter(trainer.train_data))

@@ -12,7 +12,7 @@ from flax import nnx
 
 from jaxlab.nn import ModelConfig, Transformer, generate
 from jaxlab.nn.ssm import Mamba
-from jaxlab.train.step import _forward, weighted_cross_entropy
+from jaxlab.train.step import forward, weighted_cross_entropy
 from pallas_kernels.selective_scan.reference import selective_scan_reference
 
 BASE = dict(vocab_size=53, d_model=32, num_layers=2, num_heads=4, mlp_dim=48, ssm_chunk=16)
@@ -164,7 +164,7 @@ def test_bf16_compute_gives_finite_gradients_close_to_fp32(name):
   batch = {"inputs": t[:, :-1], "targets": t[:, 1:], "weights": jnp.ones((2, 16))}
 
   def loss(params, dtype):
-    return weighted_cross_entropy(_forward(graphdef, params, rest, batch, dtype, None)[0], batch)[0] / 32
+    return weighted_cross_entropy(forward(graphdef, params, rest, batch, dtype, None)[0], batch)[0] / 32
 
   loss16, grads16 = jax.value_and_grad(loss)(params, jnp.bfloat16)
   loss32 = loss(params, jnp.float32)
