@@ -11,6 +11,17 @@ from jaxlab.train import Trainer, load_config_module
 from jaxlab.train.metrics import read_metrics
 
 
+def train_steps_from_the_source_loss(source, run):
+  """Asserts that ``run``'s first training loss is the ``source`` model's loss on that
+  batch (the started model computes the source's function); returns the logged steps."""
+  config = run.config
+  first = next(iter(data_lib.train_dataset(run.sources.train, config.data.batch_size, config.seed)))
+  sums = source.eval_step(source.state, {k: first[k] for k in ("inputs", "targets", "weights")})
+  records = [r for r in read_metrics(run.workdir / "metrics.jsonl") if "train/loss" in r]
+  assert records[0]["train/loss"] == pytest.approx(float(sums["loss_sum"] / sums["weight_sum"]), rel=1e-5)
+  return [r["step"] for r in records]
+
+
 def test_a_moe_run_starts_from_a_dense_runs_checkpoint_and_resumes_without_it(tiny_config, tmp_path):
   tiny_config.train.update(steps=2, checkpoint_every=2, eval_every=2, num_samples=0)
   tiny_config.optim.warmup_steps = 1
@@ -22,11 +33,7 @@ def test_a_moe_run_starts_from_a_dense_runs_checkpoint_and_resumes_without_it(ti
   moe = Trainer(moe_config, tmp_path / "moe")
   moe.run()
   # The MoE run's first loss is the dense model's loss on that batch: the same function.
-  first = next(iter(data_lib.train_dataset(moe.sources.train, moe_config.data.batch_size, moe_config.seed)))
-  sums = dense.eval_step(dense.state, {k: first[k] for k in ("inputs", "targets", "weights")})
-  records = [r for r in read_metrics(tmp_path / "moe" / "metrics.jsonl") if "train/loss" in r]
-  assert records[0]["train/loss"] == pytest.approx(float(sums["loss_sum"] / sums["weight_sum"]), rel=1e-5)
-  assert [r["step"] for r in records] == [1, 2]
+  assert train_steps_from_the_source_loss(dense, moe) == [1, 2]
   assert int(moe.state.opt_state[1][0].count) == 4  # Adam's count carried with its moments
   bad = moe_config.copy_and_resolve_references()
   bad.model.moe_expert_dim = 16
@@ -64,11 +71,7 @@ def test_a_run_grown_by_identity_insertion_starts_at_the_small_models_loss_and_r
   deep.init.update(grow_from=str(tmp_path / "small"), operator="identity")
   grown = Trainer(deep, tmp_path / "deep")
   grown.run()
-  first = next(iter(data_lib.train_dataset(grown.sources.train, deep.data.batch_size, deep.seed)))
-  sums = small.eval_step(small.state, {k: first[k] for k in ("inputs", "targets", "weights")})
-  records = [r for r in read_metrics(tmp_path / "deep" / "metrics.jsonl") if "train/loss" in r]
-  assert records[0]["train/loss"] == pytest.approx(float(sums["loss_sum"] / sums["weight_sum"]), rel=1e-5)
-  assert [r["step"] for r in records] == [1, 2]  # step 0 again, a fresh optimizer
+  assert train_steps_from_the_source_loss(small, grown) == [1, 2]  # step 0 again, a fresh optimizer
   assert int(grown.state.opt_state[1][0].count) == 2
   report = json.loads((tmp_path / "deep" / "init.json").read_text())
   assert report["operator"] == "identity" and report["source_step"] == 2
