@@ -28,5 +28,9 @@ def test_notebook_runs(name, monkeypatch):
   if name == "moe.ipynb":
     assert "renormalized gates True : max |upcycled - dense| = " in outputs, outputs[-3000:]
     assert "tokens choosing their own domain's expert" in outputs and "expert-aware" in outputs, outputs[-3000:]
+  if name == "merging.ipynb":
+    assert "task arithmetic, scale 0: max |merged - base| = 0.0e+00" in outputs, outputs[-3000:]
+    assert "mixture routed to source 1: max |mixture - source 1| = " in outputs, outputs[-3000:]
+    assert "families:" in outputs and "Model-GLUE pipeline, mean accuracy" in outputs, outputs[-3000:]
   if name == "growth.ipynb":
     assert "identity, 2 -> 4 layers" in outputs and "ligo             loss at step 1" in outputs, outputs[-3000:]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from jaxlab.nn.reports import report_input_gram
 
 
 def logical_param(value: jax.Array, names: Sequence[str | None]) -> nnx.Param:
@@ -53,6 +56,7 @@ class Linear(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.kernel[...]
+    report_input_gram(self, x.reshape(-1, math.prod(kernel.shape[:self.num_in])))
     contract = (tuple(range(x.ndim - self.num_in, x.ndim)), tuple(range(self.num_in)))
     y = jax.lax.dot_general(x, kernel.astype(x.dtype), (contract, ((), ())))
     if self.bias is not None:

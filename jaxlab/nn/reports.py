@@ -32,6 +32,10 @@ class Metric(nnx.Intermediate):
   """A logged value, summed over the batch's sequences."""
 
 
+class InputGram(nnx.Intermediate):
+  """``Σ x xᵀ`` over the tokens a linear layer read, its inputs flattened (RegMean's statistic)."""
+
+
 _ACTIVE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("jaxlab_reports", default=None)
 
 
@@ -56,6 +60,25 @@ def report(module: nnx.Module, kind: type[nnx.Intermediate], name: str, value: j
   """Sows ``value`` (a sum over sequences) when a step captures reports; else nothing."""
   if _ACTIVE.get() is not None:
     module.sow(kind, name, value, init_fn=lambda: 0.0, reduce_fn=jnp.add)
+
+
+_INPUT_GRAMS: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxlab_input_grams", default=False)
+
+
+def report_input_gram(module: nnx.Module, x: jax.Array) -> None:
+  """Sows the Gram of ``x`` ([tokens, features]) while `capture_input_grams` runs; else nothing."""
+  if _INPUT_GRAMS.get():
+    x = x.astype(jnp.float32)
+    module.sow(InputGram, "input_gram", x.T @ x, init_fn=lambda: 0.0, reduce_fn=jnp.add)
+
+
+def capture_input_grams(model: nnx.Module, *args) -> tuple[Any, nnx.State]:
+  """``model(*args)`` and the input Gram of every `jaxlab.nn.linear.Linear` it called."""
+  token = _INPUT_GRAMS.set(True)
+  try:
+    return nnx.capture(model, InputGram)(*args)
+  finally:
+    _INPUT_GRAMS.reset(token)
 
 
 def capture_reports(model: nnx.Module, *args, rng: jax.Array | None = None) -> tuple[Any, nnx.State, nnx.State]:

@@ -82,6 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
       compiled_train_step=optional(None, str),  # train_step.xla from `python -m jaxlab.compile`
   )
   config.init = dict(
+      start_from=optional(None, str),  # a run's workdir (a merge's too): its latest parameters, fine-tuned here
       upcycle_from=optional(None, str),  # a dense run's workdir: its latest checkpoint upcycled into this MoE
       grow_from=optional(None, str),  # a smaller run's workdir: its latest checkpoint grown into this model
       operator="ligo",  # ligo | stack | interleave | net2net | bert2bert | aki | identity (jaxlab.growth)

@@ -1,5 +1,9 @@
 """A run's initial state: fresh from its seed, or made from another run's checkpoint.
 
+``init.start_from=WORKDIR`` starts from the newest checkpoint of a run of the same model
+(a fine-tuning run, or a ``jaxlab.merge`` output): its parameters and model state, with
+this run's fresh optimizer at step 0.
+
 ``init.upcycle_from=WORKDIR`` upcycles the newest checkpoint of a dense run
 (`jaxlab.growth.upcycle`) into this run's MoE model: parameters and optimizer moments
 carried, the step and the learning-rate schedule started again, so this run trains for
@@ -28,6 +32,7 @@ import optax
 
 from jaxlab.growth import LiGO, check_grow, check_upcycle, grow, upcycle
 from jaxlab.growth.grow import WIDTHS
+from jaxlab.growth.trees import differing_fields
 from jaxlab.growth.ligo import DEPTH_INITS, WIDTH_INITS
 from jaxlab.growth.width import MAPPINGS
 from jaxlab.nn import ModelConfig
@@ -70,8 +75,16 @@ class SourceRun:
 def check_init(config: ml_collections.ConfigDict, model_config: ModelConfig) -> SourceRun | None:
   """The run that ``config.init`` starts from (checked against this run's model), or None."""
   init = config.init
-  if init.upcycle_from is not None and init.grow_from is not None:
-    raise ValueError("init.upcycle_from and init.grow_from are both set: a run starts from one other run.")
+  starts = [f"init.{f}" for f in ("start_from", "upcycle_from", "grow_from") if init.get(f) is not None]
+  if len(starts) > 1:
+    raise ValueError(f"{' and '.join(starts)} are set together: a run starts from one other run.")
+  if init.get("start_from") is not None:
+    source = SourceRun(init.start_from, "init.start_from")
+    differ = differing_fields(source.model_config, model_config, allowed=())
+    if differ:
+      raise ValueError(f"init.start_from={init.start_from!r} is a run of another model; these fields differ "
+                       "(set them as the source has them, or grow or upcycle it instead):\n  " + "\n  ".join(differ))
+    return source
   if init.upcycle_from is not None:
     source = SourceRun(init.upcycle_from, "init.upcycle_from")
     check_upcycle(source.model_config, model_config)
@@ -143,6 +156,11 @@ def initial_state(setup, source: SourceRun | None, batches=None) -> tuple[TrainS
     fresh = create_train_state(setup.model_config, setup.tx, setup.config.seed, setup.shardings)
     if source is None:
       return fresh, {}
+    if source.field == "init.start_from":
+      log.info("starting from %s step %d", source.workdir, source.step)
+      restored = source.restore(setup.mesh, setup.rules)
+      state = fresh.replace(params=restored.params, model_state=restored.model_state)
+      return state, {"start_from": str(source.workdir), "source_step": source.step}
     if source.field == "init.upcycle_from":
       log.info("upcycling %s step %d into this run", source.workdir, source.step)
       return _upcycled(setup, source, fresh), {"upcycle_from": str(source.workdir), "source_step": source.step}

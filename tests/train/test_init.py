@@ -108,5 +108,5 @@ def test_bad_growth_settings_are_refused_before_anything_is_written(small, tmp_p
     Trainer(large, tmp_path / "large")
   assert not (tmp_path / "large").exists()
   large.init.update(**{field: tiny_config.init[field]}, upcycle_from=str(small.workdir))
-  with pytest.raises(ValueError, match="both set"):
+  with pytest.raises(ValueError, match="set together"):
     Trainer(large, tmp_path / "large")

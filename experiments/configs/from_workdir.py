@@ -1,0 +1,18 @@
+"""The config a run wrote to its workdir (``config.json``), e.g. a ``jaxlab.merge`` output:
+  python -m jaxlab.main --config=experiments/configs/from_workdir.py:runs/merged --workdir=runs/merged
+resumes that run (a merge's: trains it from step 0 for its ``train.steps``); overrides
+apply on top (``--config.optim.trainable=ffn/router`` trains a mixture's routers only)."""
+
+import json
+from pathlib import Path
+
+import ml_collections
+
+from jaxlab.train import base_config
+
+
+def get_config(workdir: str):
+  config = base_config()
+  written = json.loads((Path(workdir) / "config.json").read_text())
+  config.update(ml_collections.ConfigDict(written))
+  return config
