@@ -87,9 +87,20 @@ def test_none_is_a_value_but_lowercase_none_stays_a_string(base_file):
   assert config.model.positional == "none" and config.model.rope_scaling is None
 
 
+def written_run(tmp_path):
+  """A workdir whose config.json a merge wrote (what from_workdir.py reads)."""
+  from jaxlab.train import load_config_module
+
+  config = load_config_module(REPO / "experiments" / "configs" / "merge_small.py").get_config()
+  (tmp_path / "config.json").write_text(config.to_json_best_effort())
+  return f":{tmp_path}"
+
+
 @pytest.mark.parametrize("config_file", CONFIGS, ids=lambda p: p.stem)
-def test_every_field_of_every_experiment_config_is_settable(config_file):
+def test_every_field_of_every_experiment_config_is_settable(config_file, tmp_path):
   """Experiment configs may set optional fields to None; they stay settable."""
+  if config_file.stem == "from_workdir":  # its argument: a run's workdir
+    config_file = f"{config_file}{written_run(tmp_path)}"
   for path, field_type, value in leaves(parse(config_file)):
     new, text = another_value(field_type, value)
     assert get(parse(config_file, f"--config.{path}={text}"), path) == new, path

@@ -9,10 +9,13 @@ from pathlib import Path
 import ml_collections
 
 from jaxlab.train import base_config
+from jaxlab.train.merge import merge_section
 
 
 def get_config(workdir: str):
   config = base_config()
   written = json.loads((Path(workdir) / "config.json").read_text())
+  if "merge" in written:  # a jaxlab.merge output: its section keeps its field types
+    config.merge = merge_section()
   config.update(ml_collections.ConfigDict(written))
   return config

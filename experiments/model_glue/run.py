@@ -2,7 +2,7 @@
 Model-GLUE pipeline beat the best single model without further training (Zhao et al.,
 NeurIPS 2024 D&B: +5.61% average over the best single model of a Llama-2-7B zoo)?
 
-  python experiments/model_glue/run.py --workdir=runs/model_glue                 # CPU, ~35 min
+  python experiments/model_glue/run.py --workdir=runs/model_glue --seeds=0,1      # CPU, ~25 min a zoo
   python experiments/model_glue/run.py --workdir=... --size=accelerator --tokenizer=ckpt/base/tokenizer.json \\
       --inputs=ckpt/a,ckpt/b,... --base=ckpt/base --input_domains=...  # Llama checkpoints
 

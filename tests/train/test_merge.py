@@ -28,7 +28,7 @@ def tiny_merge_config(**merge):
   config = load_config_module(ROOT / "experiments/configs/merge_small.py").get_config()
   config.model.update(d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, mlp_dim=64)
   config.data.update(seq_len=32, batch_size=4, domain_max_bytes=20_000, arithmetic=dict(num_problems=2_000))
-  config.train.update(steps=2, eval_every=2, checkpoint_every=2, num_samples=0, eval_batches=2)
+  config.train.update(steps=2, eval_every=2, checkpoint_every=2, num_samples=0, eval_batches=1)
   config.optim.warmup_steps = 0
   config.merge.update(search_batches=1, statistics_batches=2, **merge)
   return config
