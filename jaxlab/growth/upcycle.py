@@ -53,7 +53,7 @@ def check_upcycle(config: ModelConfig, target: ModelConfig) -> None:
                      f"and model.moe_shared_dim=None (the shared MLP is {target.shared_dim} wide).")
 
 
-def _new_variables(target: ModelConfig, seed: int) -> tuple[dict[str, jax.Array], nnx.State]:
+def initial_routers(target: ModelConfig, seed: int) -> tuple[dict[str, jax.Array], nnx.State]:
   """The target's own initial routers and model state for ``seed`` (the rest of its
   initialization is computed and discarded by XLA)."""
 
@@ -89,7 +89,7 @@ def upcycle(state: Any, config: ModelConfig, target_config: ModelConfig, *, seed
   target's output shardings."""
   check_upcycle(config, target_config)
   template = abstract_params(target_config)
-  routers, model_state = _new_variables(target_config, seed)
+  routers, model_state = initial_routers(target_config, seed)
   if not hasattr(state, "opt_state"):
     return _upcycle_tree(state, template, routers)
   zeros = {name: jnp.zeros_like(value) for name, value in routers.items()}

@@ -27,7 +27,8 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from jaxlab.growth.trees import abstract_params, by_name, rebuild
-from jaxlab.nn import ModelConfig, Transformer
+from jaxlab.growth.upcycle import initial_routers
+from jaxlab.nn import ModelConfig
 
 Tokens = Int[Array, "b l"]
 
@@ -97,11 +98,10 @@ def mix(sources: Sequence[nnx.State], config: ModelConfig, target: ModelConfig, 
   mlps = [by_name(s) for s in sources]
   base = by_name(shared)
   routers = dict(routers or {})
-  fresh = jax.jit(lambda: by_name(nnx.split(Transformer(target, rngs=nnx.Rngs(params=seed)), nnx.Param, ...)[1]))
-  initial = None
+  moe_layers = [layer for layer in range(target.num_layers) if target.ffn_of(layer) == "moe"]
+  initial = initial_routers(target, seed)[0] if set(moe_layers) - set(routers) else {}  # compiled only if needed
 
   def value(name: str, like: jax.ShapeDtypeStruct) -> jax.Array:
-    nonlocal initial
     parts = name.split("/")
     if parts[0] == "blocks" and parts[2:4] == ["ffn", "experts"]:
       return jnp.stack([m[f"blocks/{parts[1]}/ffn/{parts[4]}/kernel"] for m in mlps]).astype(like.dtype)
@@ -109,9 +109,7 @@ def mix(sources: Sequence[nnx.State], config: ModelConfig, target: ModelConfig, 
       layer = int(parts[1])
       if parts[4] == "kernel" and layer in routers:
         return routers[layer].astype(like.dtype)
-      initial = fresh() if initial is None else initial
-      return initial[name]
+      return initial[name].astype(like.dtype)
     return base[name].astype(like.dtype)
 
   return rebuild(abstract_params(target), value)
-

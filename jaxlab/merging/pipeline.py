@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from jaxlab.merging.clustering import cluster, similarity_matrix
 from jaxlab.merging.methods import merge
 from jaxlab.merging.mixture import hidden_router, mix, mixture_config
 from jaxlab.merging.search import COEFFICIENTS, Score, greedy_merge
-from jaxlab.merging.clustering import cluster, similarity_matrix
 from jaxlab.nn import ModelConfig
 
 
@@ -44,7 +44,8 @@ def model_glue(states: Sequence[nnx.State], config: ModelConfig, score: Score, *
                scores: Sequence[float] | None = None, **options) -> GlueResult:
   """The pipeline on ``states`` (dense models of ``config``; ``graphdef`` and
   ``model_state`` make them runnable). ``data(models)`` gives token batches of those
-  models' own data, for the routers; ``shared``: ``average`` or ``base``."""
+  models' own data, for the routers; ``shared``: ``average`` or ``base``; ``seed``: DARE's
+  masks and the routers' init without data; ``options``: the pairwise merge's."""
   scores = [score(s) for s in states] if scores is None else list(scores)
   sims = similarity_matrix(states, config, base)
   families = cluster(sims, threshold)

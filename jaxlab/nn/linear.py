@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import jax
@@ -56,7 +55,7 @@ class Linear(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.kernel[...]
-    report_input_gram(self, x.reshape(-1, math.prod(kernel.shape[:self.num_in])))
+    report_input_gram(self, x, self.num_in)
     contract = (tuple(range(x.ndim - self.num_in, x.ndim)), tuple(range(self.num_in)))
     y = jax.lax.dot_general(x, kernel.astype(x.dtype), (contract, ((), ())))
     if self.bias is not None:

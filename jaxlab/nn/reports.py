@@ -15,6 +15,7 @@ after the optimizer update, with the module's metrics for the whole batch.
 from __future__ import annotations
 
 import contextlib
+import math
 import contextvars
 from collections.abc import Iterator
 from typing import Any
@@ -65,10 +66,11 @@ def report(module: nnx.Module, kind: type[nnx.Intermediate], name: str, value: j
 _INPUT_GRAMS: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxlab_input_grams", default=False)
 
 
-def report_input_gram(module: nnx.Module, x: jax.Array) -> None:
-  """Sows the Gram of ``x`` ([tokens, features]) while `capture_input_grams` runs; else nothing."""
+def report_input_gram(module: nnx.Module, x: jax.Array, num_in: int) -> None:
+  """Sows the Gram of ``x``'s trailing ``num_in`` axes (flattened; the rest are tokens)
+  while `capture_input_grams` runs; else nothing."""
   if _INPUT_GRAMS.get():
-    x = x.astype(jnp.float32)
+    x = x.reshape(-1, math.prod(x.shape[x.ndim - num_in:])).astype(jnp.float32)
     module.sow(InputGram, "input_gram", x.T @ x, init_fn=lambda: 0.0, reduce_fn=jnp.add)
 
 

@@ -32,8 +32,8 @@ import optax
 
 from jaxlab.growth import LiGO, check_grow, check_upcycle, grow, upcycle
 from jaxlab.growth.grow import WIDTHS
-from jaxlab.growth.trees import differing_fields
 from jaxlab.growth.ligo import DEPTH_INITS, WIDTH_INITS
+from jaxlab.growth.trees import differing_fields
 from jaxlab.growth.width import MAPPINGS
 from jaxlab.nn import ModelConfig
 from jaxlab.sharding import use_mesh

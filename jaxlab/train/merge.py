@@ -31,17 +31,16 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from jaxlab import checks
 from jaxlab import data as data_lib
 from jaxlab import merging
 from jaxlab.growth.trees import differing_fields
 from jaxlab.interop.hf import config_from_hf, export_llama, export_mixtral, load_llama
 from jaxlab.nn import ModelConfig
-from jaxlab.sharding import use_mesh
 from jaxlab.train.checkpoint import Checkpointer
 from jaxlab.train.defaults import optional
 from jaxlab.train.init import SourceRun
 from jaxlab.train.loop import Trainer, _global_batch
-from jaxlab.train.state import create_train_state
 
 log = logging.getLogger(__name__)
 PIPELINES = ("greedy", "mixture", "stack", "model_glue")
@@ -146,11 +145,8 @@ def check_merge_config(config: ml_collections.ConfigDict) -> None:
   m = config.merge
   if not _split(config, "inputs"):
     raise ValueError("merge.inputs is empty: give comma-separated jaxlab workdirs or Hugging Face checkpoints.")
-  methods = (*merging.METHODS, *PIPELINES)
-  if m.method not in methods:
-    raise ValueError(f"merge.method={m.method!r}: choose one of {methods}")
-  if m.score not in SCORES:
-    raise ValueError(f"merge.score={m.score!r}: choose one of {SCORES}")
+  checks.choice("merge.method", m.method, (*merging.METHODS, *PIPELINES))
+  checks.choice("merge.score", m.score, SCORES)
   if m.coefficients not in ("grid", "soup"):
     raise ValueError(f"merge.coefficients={m.coefficients!r}: 'grid' (Model-GLUE's 0.1..0.9 search) or 'soup' "
                      "(running average)")
@@ -168,9 +164,7 @@ class Evaluator:
     run.model.update(dataclasses.asdict(model_config))
     run.init.update(start_from=None, upcycle_from=None, grow_from=None)
     self.run, self.trainer = run, Trainer(run, workdir)
-    setup = self.trainer.setup
-    with use_mesh(setup.mesh, setup.rules):
-      self.fresh = create_train_state(setup.model_config, setup.tx, run.seed, setup.shardings)
+    self.fresh = self.trainer.init_state()
     search, batch = config.merge.search_batches, config.data.batch_size
     self.windows = {}
     for name, domain in self.trainer.sources.domains.items():
@@ -276,8 +270,8 @@ def merge_and_report(config: ml_collections.ConfigDict, workdir: str | Path) -> 
   base = None if m.base is None else Input(m.base, "merge.base")
   zoo = check_same_model(opened + ([] if base is None else [base]))
   explicit = [d.split("+") for d in _split(config, "input_domains")]
-  if explicit and len(explicit) != len(models):
-    raise ValueError(f"merge.input_domains has {len(explicit)} entries for {len(models)} inputs.")
+  if explicit and len(explicit) != len(opened):
+    raise ValueError(f"merge.input_domains has {len(explicit)} entries for {len(opened)} inputs.")
   with tempfile.TemporaryDirectory() as scratch:
     evaluator = Evaluator(config, zoo, Path(scratch) / "zoo")
     setup = evaluator.trainer.setup

@@ -133,8 +133,10 @@ def test_a_model_of_another_width_or_method_is_refused(zoo, tmp_path):
   os.symlink(zoo / "python_docs" / "checkpoints", other / "checkpoints")
   with pytest.raises(ValueError, match=r"model.d_model: 32 -> 48"):
     merge_and_report(tiny_merge_config(inputs=f"{zoo / 'arithmetic'},{other}"), tmp_path / "out")
-  with pytest.raises(ValueError, match="merge.method='soup': choose one of"):
+  with pytest.raises(ValueError, match="merge.method='soup' is not supported; use one of"):
     merge_and_report(tiny_merge_config(inputs=inputs(zoo), method="soup"), tmp_path / "out")
+  with pytest.raises(ValueError, match="merge.input_domains has 1 entries for 2 inputs"):
+    merge_and_report(tiny_merge_config(inputs=inputs(zoo), input_domains="arithmetic"), tmp_path / "out")
   with pytest.raises(FileNotFoundError, match="neither a jaxlab workdir"):
     merge_and_report(tiny_merge_config(inputs=str(tmp_path)), tmp_path / "out")
   config = tiny_merge_config()
