@@ -1,7 +1,7 @@
 """The config a run wrote to its workdir (``config.json``), e.g. a ``jaxlab.merge`` output:
   python -m jaxlab.main --config=experiments/configs/from_workdir.py:runs/merged --workdir=runs/merged
 resumes that run (a merge's: trains it from step 0 for its ``train.steps``); overrides
-apply on top (``--config.optim.trainable=ffn/router`` trains a mixture's routers only)."""
+apply on top (``--config.optim.trainable=router`` trains a mixture's routers only)."""
 
 import json
 from pathlib import Path

@@ -2,7 +2,7 @@
 Model-GLUE pipeline beat the best single model without further training (Zhao et al.,
 NeurIPS 2024 D&B: +5.61% average over the best single model of a Llama-2-7B zoo)?
 
-  python experiments/model_glue/run.py --workdir=runs/model_glue --seeds=0,1      # CPU, ~25 min a zoo
+  python experiments/model_glue/run.py --workdir=runs/model_glue --seeds=0,1      # CPU, ~35 min a zoo
   python experiments/model_glue/run.py --workdir=... --size=accelerator --tokenizer=ckpt/base/tokenizer.json \\
       --inputs=ckpt/a,ckpt/b,... --base=ckpt/base --input_domains=...  # Llama checkpoints
 
@@ -12,9 +12,11 @@ The zoo (CPU size): domains_small's 1.8M-parameter byte LM trained on its three 
 seed 0 and 3e-3 with seed 1, so that some models are alike (one domain) and some not.
 Every arm is one ``jaxlab.merge`` run over the six fine-tuned models (``--arms``):
 uniform averaging, task arithmetic, TIES, DARE (with TIES' sign election), Fisher,
-RegMean, Model-GLUE's greedy merge (coefficient grid, kept at its best), the FFN-level
-mixture (hidden-state routers, top-1) and the full pipeline (clusters by the similarity
-of the deltas to the base, greedy merge in each, mixture across). The hyperparameters
+RegMean, Model-GLUE's greedy merge (coefficient grid, kept at its best), mixtures with
+hidden-state routers (FFN level top-1 and top-2, block and model level top-1 routed by
+the first token), the top-2 FFN mixture with its routers trained briefly, and the full
+pipeline (clusters by the similarity of the deltas to the base, greedy merge in each,
+FFN-level mixture across). The hyperparameters
 with a choice (task arithmetic's λ, TIES' λ, DARE's density) are chosen on the search
 windows of the validation split; every number reported is on the disjoint report windows.
 The best single model is the input with the best mean report accuracy (so the comparison
@@ -46,22 +48,29 @@ FINETUNES = ((1e-3, 0), (3e-3, 1))  # (learning rate, data seed offset) per doma
 # name: (merge.method, {merge field: value}, {field: choices searched on the search windows})
 ARMS = {
     "uniform": ("linear", {}, {}),
-    "task_arithmetic": ("task_arithmetic", {}, {"scale": (0.2, 0.4, 0.6, 1.0)}),
-    "ties": ("ties", {"density": 0.2}, {"scale": (0.5, 1.0, 1.5)}),
-    "dare_ties": ("dare_ties", {"scale": 1.0}, {"density": (0.1, 0.3, 0.5)}),
+    "task_arithmetic": ("task_arithmetic", {}, {"scale": (0.1, 0.15, 0.2, 0.4, 0.6, 1.0)}),
+    "ties": ("ties", {"density": 0.2}, {"scale": (0.25, 0.5, 1.0, 1.5)}),
+    "dare_ties": ("dare_ties", {"scale": 1.0}, {"density": (0.1, 0.3, 0.5, 0.7, 0.9)}),
     "fisher": ("fisher", {}, {}),
     "regmean": ("regmean", {}, {}),
     "greedy": ("greedy", {"coefficients": "grid"}, {}),
     "mixture": ("mixture", {"router": "hidden"}, {}),
+    "mixture_block": ("mixture", {"router": "hidden", "level": "block"}, {}),
+    "mixture_model": ("mixture", {"router": "hidden", "level": "model"}, {}),
+    "mixture_top2": ("mixture", {"router": "hidden", "top_k": 2}, {}),
     "model_glue": ("model_glue", {"threshold": 0.5}, {}),
 }
+# name: (the arm whose mixture is trained, {optim field: value}). Only the routers train, on the three
+# domains' training data; top-2 because a renormalized top-1 gate is 1 and gives the router no gradient.
+TRAINED = {"mixture_top2_trained": ("mixture_top2", dict(learning_rate=3e-3, warmup_steps=10, trainable="router"))}
+ROUTER_STEPS = 100
 PAPER = "+5.61% average over the best single model (Llama-2-7B zoo 'Which16', no extra training)"
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/model_glue", "Where the zoo and the merges go.")
 _RESULTS = flags.DEFINE_string("results", str(HERE / "results"), "Where the tables and the picture go.")
 _SIZE = flags.DEFINE_enum("size", "cpu", [*SIZES, "accelerator"], "cpu: train the zoo here; accelerator: "
                           "merge the Llama checkpoints --inputs (fine-tuned from --base).")
-_ARMS = flags.DEFINE_list("arms", list(ARMS), "Arms to run.")
+_ARMS = flags.DEFINE_list("arms", [*ARMS, *TRAINED], "Arms to run.")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "cpu: one zoo per seed (the base's seed; its fine-tunes' data seeds).")
 _SCALE = flags.DEFINE_float("scale", 1.0, "Multiplies the step counts (0.02 for a smoke run).")
 _INPUTS = flags.DEFINE_list("inputs", [], "accelerator: Hugging Face Llama checkpoints to merge.")
@@ -116,8 +125,26 @@ def run_merge(workdir: Path, method: str, fields: dict, size: dict, inputs: list
   return merge_and_report(config, workdir)
 
 
+def train_routers(name: str, workdir: Path, size: dict, inputs: list[str], base: str | None) -> dict:
+  """``TRAINED[name]``: its mixture arm's run with the routers trained for ``ROUTER_STEPS``
+  (``init.start_from``, ``optim.trainable``), scored as a one-input merge of that run."""
+  source, optim = TRAINED[name]
+  mixture = run_arm(source, workdir, size, inputs, base)
+  config = load_config_module(CONFIGS / "from_workdir.py").get_config(str(workdir / source))
+  steps = max(2, round(ROUTER_STEPS * _SCALE.value))
+  config.init.start_from = str(workdir / source)
+  config.optim.update(**optim)
+  config.data.domain_weights = {d: 1.0 for d in DOMAINS}
+  config.train.update(steps=steps, eval_every=steps, checkpoint_every=steps, num_samples=0)
+  train_to_end(config, workdir / f"{name}_run")
+  report = run_merge(workdir / name, "linear", {}, size, [str(workdir / f"{name}_run")], None)
+  return {"choice": {"router_steps": steps}, **report, "inputs": mixture["inputs"]}
+
+
 def run_arm(name: str, workdir: Path, size: dict, inputs: list[str], base: str | None) -> dict:
   """The arm's report, its searched hyperparameter chosen by the mean search accuracy."""
+  if name in TRAINED:
+    return train_routers(name, workdir, size, inputs, base)
   method, fields, search = ARMS[name]
   if not search:
     return {"choice": {}, **run_merge(workdir / name, method, fields, size, inputs, base)}
@@ -200,8 +227,8 @@ def main(argv) -> None:
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger("jaxlab").setLevel(logging.INFO)
   for name in _ARMS.value:
-    if name not in ARMS:
-      raise app.UsageError(f"--arms: {name!r} is not one of {list(ARMS)}")
+    if name not in ARMS and name not in TRAINED:
+      raise app.UsageError(f"--arms: {name!r} is not one of {[*ARMS, *TRAINED]}")
   workdir, results_dir = Path(_WORKDIR.value), Path(_RESULTS.value)
   results_dir.mkdir(parents=True, exist_ok=True)
   if _SIZE.value == "accelerator":

@@ -60,7 +60,7 @@ def initial_routers(target: ModelConfig, seed: int) -> tuple[dict[str, jax.Array
   @jax.jit
   def init():
     _, params, model_state = nnx.split(Transformer(target, rngs=nnx.Rngs(params=seed)), nnx.Param, ...)
-    return {n: v for n, v in by_name(params).items() if "/ffn/router/" in n}, model_state
+    return {n: v for n, v in by_name(params).items() if "router/" in n}, model_state
 
   return init()
 

@@ -217,7 +217,7 @@ def _base_hf(config: ModelConfig, family: Family) -> dict[str, Any]:
 
 def _base_problems(config: ModelConfig, family: Family) -> list[str]:
   want = {"norm": "rmsnorm", "mlp_activation": "swiglu", "positional": "rope", "rope_scaling": None,
-          "logit_soft_cap": None, "attention_gate": None}
+          "logit_soft_cap": None, "attention_gate": None, "block_experts": 0}
   if not family.sliding_window:
     want["sliding_window"] = None
   if family.moe_block:

@@ -4,10 +4,11 @@ merge greedily within each cluster, then mix the clusters' merges as experts.
 1. similarity between every pair of models (`clustering.similarity_matrix`, of the
    deltas to ``base`` when given) and families by ``threshold`` (`clustering.cluster`);
 2. within each family, `search.greedy_merge` on the validation ``score``;
-3. one family: its merge is the result; several: an FFN-level mixture (`mixture.mix`)
-   whose experts are the families' merges, the rest of the model from ``shared`` (the
-   merge of all the families' merges by uniform averaging, or ``base``), routers from the
-   hidden states of each family's data, and the first ``dense_layers`` layers dense.
+3. one family: its merge is the result; several: a mixture (`mixture.mix`, FFN, block or
+   model ``level``) whose experts are the families' merges, the rest of the model from
+   ``shared`` (the merge of all the families' merges by uniform averaging, or ``base``),
+   routers from the hidden states of each family's data, and the first ``dense_layers``
+   layers dense.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def model_glue(states: Sequence[nnx.State], config: ModelConfig, score: Score, *
                graphdef: nnx.GraphDef, model_state: nnx.State,
                data: Callable[[Sequence[int]], Iterable[Any]] | None = None, base: nnx.State | None = None,
                threshold: float = 0.95, method: str = "linear", coefficients: Sequence[float] | None = COEFFICIENTS,
-               dense_layers: int = 0, top_k: int = 1, shared: str = "average", seed: int = 0,
+               level: str = "ffn", pooler: str = "first_token", dense_layers: int = 0, top_k: int = 1,
+               shared: str = "average", seed: int = 0,
                scores: Sequence[float] | None = None, **options) -> GlueResult:
   """The pipeline on ``states`` (dense models of ``config``; ``graphdef`` and
   ``model_state`` make them runnable). ``data(models)`` gives token batches of those
@@ -63,7 +65,8 @@ def model_glue(states: Sequence[nnx.State], config: ModelConfig, score: Score, *
   if shared == "base" and base is None:
     raise ValueError("shared='base' takes the mixture's non-expert parameters from base=, which is None.")
   trunk = base if shared == "base" else merge(merged, "linear")
-  target = mixture_config(config, len(merged), dense_layers=dense_layers, top_k=top_k)
-  routers = None if data is None else hidden_router(graphdef, trunk, model_state, [data(f) for f in members])
+  target = mixture_config(config, len(merged), level=level, pooler=pooler, dense_layers=dense_layers, top_k=top_k)
+  routers = None if data is None else hidden_router(graphdef, trunk, model_state, [data(f) for f in members],
+                                                    level=level, pooler=pooler)
   state = mix(merged, config, target, shared=trunk, routers=routers, seed=seed)
   return GlueResult(state=state, config=target, **result)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxlab.nn import attention as _attention  # noqa: F401  (registers "attention")
@@ -59,6 +60,9 @@ class Block(nnx.Module):
     x_BxLxD, pe = self._ffn(x_BxLxD, pe, experts)
     return shard(x_BxLxD, ("batch", "length", "embed")), pe
 
+  def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> Any:
+    return self.mixer.init_cache(batch, max_len, dtype)
+
   def decode(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, cache: Any,
              pe: PositionState | None = None, experts: jax.Array | None = None):
     h = self.mixer_norm(x_BxTxD)
@@ -70,5 +74,6 @@ class Block(nnx.Module):
     return x_BxTxD, cache, pe
 
 
-def apply_block(block: Block, x: jax.Array, positions: jax.Array, pe, experts):
-  return block(x, positions, pe, experts)
+def apply_block(block: nnx.Module, x: jax.Array, positions: jax.Array, pe, experts, routes=None):
+  """``block``'s forward; ``routes`` (a model-level mixture's gates) go to block mixtures only."""
+  return block(x, positions, pe, experts) if routes is None else block(x, positions, routes=routes)

@@ -25,6 +25,8 @@ MOE_DTS_SCHEDULES = ("linear", "cosine")
 MOE_GATE_ORDERS = ("softmax_topk", "topk_softmax")
 MOE_DISPATCHES = ("dropless", "capacity")
 MOE_GMM_IMPLS = ("auto", "xla", "ragged_dot", "pallas", "pallas_interpret", "reference")
+BLOCK_ROUTERS = ("layer", "model")
+BLOCK_POOLERS = ("first_token", "mean")
 DEFAULT_STATE = {"mamba": 16, "mamba2": 128, "s4d": 64}  # the source papers' defaults
 
 
@@ -107,6 +109,12 @@ class ModelConfig:
   moe_pregate_dim: int = 64
   moe_pregate_layers: int = 1
   moe_pregate_heads: int = 4
+  # block mixtures (Model-GLUE's block- and model-level MoE; jaxlab/nn/block_mixture.py): whole blocks as experts
+  block_experts: int = 0  # blocks per layer from block_dense_layers on, a router picking top-k per sequence; 0: none
+  block_dense_layers: int = 0  # the first layers stay single blocks (Model-GLUE's hybrid)
+  block_top_k: int = 1
+  block_router: str = "layer"  # layer (a router per layer: block level) | model (one router for all: model level)
+  block_pooler: str = "first_token"  # what the router reads: first_token (causal) | mean (the whole sequence)
   # norms, embeddings, init
   norm: str = "rmsnorm"
   norm_eps: float = 1e-5
@@ -149,6 +157,7 @@ class ModelConfig:
     _check_choice(self, "s4d_init", S4D_INITS)
     self._check_recurrent_mixers()
     self._check_moe()
+    self._check_block_mixture()
     if self.head_dim is None and self.d_model % self.num_heads:
       raise ValueError(
           f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}; "
@@ -226,6 +235,30 @@ class ModelConfig:
       self._check_dense_to_sparse()
     if self.moe_router == "pregate":
       self._check_pregate()
+
+  def _check_block_mixture(self) -> None:
+    checks.nonnegative_int("model.block_experts", self.block_experts)
+    if not self.block_experts:
+      return
+    if self.block_experts < 2:
+      raise ValueError(f"model.block_experts={self.block_experts}: a block mixture needs at least 2 expert blocks "
+                       "per layer (0 turns it off).")
+    _check_choice(self, "block_router", BLOCK_ROUTERS)
+    _check_choice(self, "block_pooler", BLOCK_POOLERS)
+    if not 1 <= self.block_top_k <= self.block_experts:
+      raise ValueError(f"model.block_top_k={self.block_top_k}: choose between 1 and model.block_experts="
+                       f"{self.block_experts}.")
+    if not 0 <= self.block_dense_layers < self.num_layers:
+      raise ValueError(f"model.block_dense_layers={self.block_dense_layers}: keep between 0 and "
+                       f"{self.num_layers - 1} of the {self.num_layers} layers single blocks.")
+    if self.positional == "tape" or self.pregated:
+      raise ValueError("a block mixture routes whole sequences through separate blocks, which neither TAPE's "
+                       "position features nor a pre-gating router (model.moe_router='pregate') can follow; "
+                       "set model.block_experts=0 or use another positional encoding / router.")
+
+  def is_block_mixture(self, layer: int) -> bool:
+    """Whether layer ``layer`` holds ``block_experts`` whole blocks (`jaxlab.nn.block_mixture`)."""
+    return self.block_experts > 0 and layer >= self.block_dense_layers
 
   def _check_pregate(self) -> None:
     _check_positive(self, "moe_pregate_dim", "moe_pregate_layers", "moe_pregate_heads")

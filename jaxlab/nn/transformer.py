@@ -11,7 +11,8 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jaxtyping import Array, Float, Int
 
-from jaxlab.nn.block import REMAT_POLICIES, Block, apply_block
+from jaxlab.nn.block import REMAT_POLICIES, apply_block
+from jaxlab.nn.block_mixture import BlockMixture, SequenceRouter, make_block
 from jaxlab.nn.config import ModelConfig
 from jaxlab.nn.embed import Embed
 from jaxlab.nn.linear import Linear
@@ -35,7 +36,9 @@ class Transformer(nnx.Module):
   """``model(tokens [b, t]) -> logits [b, t, vocab]``. With ``mixers=("attention",)``,
   ``norm="rmsnorm"``, ``mlp_activation="swiglu"`` and RoPE this is the Llama architecture.
   With ``moe_router="pregate"`` a pre-gating router (`jaxlab.nn.pregate`) picks every MoE
-  layer's expert from the token ids, unless the caller passes ``experts`` [b, t]."""
+  layer's expert from the token ids, unless the caller passes ``experts`` [b, t]. With
+  ``block_experts`` the later layers are mixtures of whole blocks (`jaxlab.nn.block_mixture`),
+  at the model level routed by ``block_router`` at the first of them."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
@@ -44,8 +47,10 @@ class Transformer(nnx.Module):
         LearnedPositions(config.max_position, config.d_model, init_std=config.init_std, rngs=rngs)
         if config.positional == "learned" else None
     )
-    self.blocks = nnx.List([Block(config, i, rngs=rngs) for i in range(config.num_layers)])
+    self.blocks = nnx.List([make_block(config, i, rngs=rngs) for i in range(config.num_layers)])
     self.pregate = PreGatingRouter(config, rngs=rngs) if config.pregated else None
+    self.block_router = (SequenceRouter(config, rngs=rngs)
+                         if config.block_experts and config.block_router == "model" else None)
     self.final_norm = make_norm(config)
     self.lm_head = (
         None
@@ -87,9 +92,11 @@ class Transformer(nnx.Module):
     apply = apply_block
     if self.config.remat != "none":
       apply = nnx.remat(apply_block, policy=REMAT_POLICIES[self.config.remat])
-    states = [x]
+    states, routes = [x], None
     for block in self.blocks:
-      x, pe = apply(block, x, positions, pe, experts)
+      if self.block_router is not None and routes is None and isinstance(block, BlockMixture):
+        routes = self.block_router(x, positions)
+      x, pe = apply(block, x, positions, pe, experts, routes)
       states.append(x)
     return states
 
@@ -107,7 +114,11 @@ class Transformer(nnx.Module):
       raise ValueError("model.moe_router='expert_choice' picks each expert's tokens from the whole "
                        "sequence, so it cannot decode one token at a time; use moe_router='topk' "
                        "for models that generate.")
-    layers = [block.mixer.init_cache(batch, max_len, dtype) for block in self.blocks]
+    if self.config.block_experts and self.config.block_pooler == "mean":
+      raise ValueError("model.block_pooler='mean' routes each sequence by its mean over all positions, so it "
+                       "cannot decode one token at a time; use block_pooler='first_token' for models that "
+                       "generate.")
+    layers = [block.init_cache(batch, max_len, dtype) for block in self.blocks]
     router = None if self.pregate is None else self.pregate.init_cache(batch, max_len, dtype)
     return Cache(index=jnp.zeros((), jnp.int32), layers=layers, router=router)
 
@@ -120,9 +131,14 @@ class Transformer(nnx.Module):
     if self.pregate is not None:
       logits, router = self.pregate.decode(tokens, positions, cache.router)
       experts = choose(logits)
-    layers = []
+    layers, routes = [], None
     for block, layer_cache in zip(self.blocks, cache.layers):
-      x, layer_cache, pe = block.decode(x, positions, layer_cache, pe, experts)
+      if self.block_router is not None and routes is None and isinstance(block, BlockMixture):
+        routes = self.block_router(x, positions, layer_cache.routes)
+      if routes is None:
+        x, layer_cache, pe = block.decode(x, positions, layer_cache, pe, experts)
+      else:
+        x, layer_cache, pe = block.decode(x, positions, layer_cache, routes=routes)
       layers.append(layer_cache)
     return self._logits(x), Cache(index=cache.index + t, layers=layers, router=router)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 from typing import Any
 
@@ -28,19 +29,29 @@ def active_expert_fraction(config: ModelConfig) -> float:
   return min(1.0, per_token / c.moe_num_experts)
 
 
-def matmul_params(params: Any, tie_embeddings: bool, expert_fraction: float = 1.0) -> float:
+def active_block_fraction(config: ModelConfig) -> float:
+  """The fraction of a block mixture's expert blocks a sequence uses: k / E."""
+  return config.block_top_k / config.block_experts if config.block_experts else 1.0
+
+
+_BLOCK_EXPERT = re.compile(r"\['blocks'\]\[\d+\]\['experts'\]")
+
+
+def matmul_params(params: Any, tie_embeddings: bool, expert_fraction: float = 1.0,
+                  block_fraction: float = 1.0) -> float:
   """Parameters a token uses in matrix multiplies: every matrix except a lookup-only
-  (untied) input embedding, routed experts (under ``experts``) counted by the fraction
-  of them a token uses; the router and shared experts count whole."""
+  (untied) input embedding, routed experts (under ``ffn/experts``) counted by the
+  fraction of them a token uses and expert blocks (``blocks/i/experts``) by the
+  fraction a sequence uses; routers and shared experts count whole."""
   total = 0.0
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     keys = jax.tree_util.keystr(path)
     if leaf.ndim < 2 or ("embed" in keys and "table" in keys and not tie_embeddings):
       continue
-    if "'experts'" in keys:
-      total += expert_fraction * math.prod(leaf.shape)
-      continue
-    total += math.prod(leaf.shape)
+    fraction = expert_fraction if "['ffn']['experts']" in keys else 1.0
+    if _BLOCK_EXPERT.match(keys):
+      fraction *= block_fraction
+    total += fraction * math.prod(leaf.shape)
   return total
 
 
@@ -70,8 +81,9 @@ def mixer_forward_flops(config: ModelConfig, mixer: str, seq_len: int) -> float:
 def train_flops_per_token(params: Any, config: ModelConfig, seq_len: int) -> float:
   """6 · N_active + 3 × each layer's mixer FLOPs (forward + backward; Kaplan et al.
   2020, PaLM appendix B)."""
-  mixers = sum(mixer_forward_flops(config, config.mixer_of(i), seq_len) for i in range(config.num_layers))
-  active = matmul_params(params, config.tie_embeddings, active_expert_fraction(config))
+  mixers = sum(mixer_forward_flops(config, config.mixer_of(i), seq_len)
+               * (config.block_top_k if config.is_block_mixture(i) else 1) for i in range(config.num_layers))
+  active = matmul_params(params, config.tie_embeddings, active_expert_fraction(config), active_block_fraction(config))
   return 6 * active + 3 * mixers
 
 

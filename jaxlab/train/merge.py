@@ -37,6 +37,7 @@ from jaxlab import merging
 from jaxlab.growth.trees import differing_fields
 from jaxlab.interop.hf import config_from_hf, export_llama, export_mixtral, load_llama
 from jaxlab.nn import ModelConfig
+from jaxlab.nn.config import BLOCK_POOLERS
 from jaxlab.train.checkpoint import Checkpointer
 from jaxlab.train.defaults import optional
 from jaxlab.train.init import SourceRun
@@ -64,7 +65,9 @@ def merge_section() -> ml_collections.ConfigDict:
       score="accuracy",  # what the searches maximize: mean over domains of accuracy | -loss
       search_batches=4,  # validation batches per domain that score the searches (not reported)
       threshold=0.95,  # model_glue: the similarity that joins a family
-      dense_layers=0, top_k=1,  # mixtures: the first layers dense (hybrid), experts per token
+      level="ffn",  # mixtures: ffn (each source's MLP an expert) | block (its blocks, a router per layer) | model
+      pooler="first_token",  # block and model levels: what routes a sequence: first_token (causal) | mean
+      dense_layers=0, top_k=1,  # mixtures: the first layers dense (hybrid), experts per token or sequence
       router="hidden",  # hidden (from each source's data) | random (train it after: optim.trainable)
       shared="average",  # mixtures: the non-expert parameters: average (of the inputs or families) | base
       drop=0,  # stack: layers dropped at the seam (SOLAR: 8 of 32)
@@ -152,6 +155,11 @@ def check_merge_config(config: ml_collections.ConfigDict) -> None:
                      "(running average)")
   if m.router not in ("hidden", "random"):
     raise ValueError(f"merge.router={m.router!r}: 'hidden' (from each source's data) or 'random'")
+  checks.choice("merge.level", m.level, merging.LEVELS)
+  checks.choice("merge.pooler", m.pooler, BLOCK_POOLERS)
+  if m.export and m.level != "ffn" and m.method in ("mixture", "model_glue"):
+    raise ValueError(f"merge.export writes Llama or Mixtral checkpoints, and a mixture of whole blocks "
+                     f"(merge.level={m.level!r}) is neither; drop merge.export or use merge.level='ffn'.")
   if config.data.source != "domains":
     raise ValueError(f"data.source={config.data.source!r}: a merge scores models per domain; use 'domains'.")
 
@@ -244,16 +252,18 @@ def _combine(config, models: list[Model], base: Model | None, evaluator: Evaluat
   data = lambda members: [b["inputs"] for i in members for b in evaluator.token_batches(  # noqa: E731
       domains_of(i), max(1, m.statistics_batches // len(members)))]
   if m.method == "mixture":
-    target = merging.mixture_config(zoo, len(models), dense_layers=m.dense_layers, top_k=m.top_k)
+    target = merging.mixture_config(zoo, len(models), level=m.level, pooler=m.pooler, dense_layers=m.dense_layers,
+                                    top_k=m.top_k)
     shared = base_params if m.shared == "base" else merging.merge(states, "linear")
-    routers = merging.hidden_router(graphdef, shared, model_state, [data([i]) for i in range(len(models))]) \
-        if m.router == "hidden" else None
+    routers = merging.hidden_router(graphdef, shared, model_state, [data([i]) for i in range(len(models))],
+                                    level=m.level, pooler=m.pooler) if m.router == "hidden" else None
     state = merging.mix(states, zoo, target, shared=shared, routers=routers, seed=m.seed)
-    return state, target, {"shared": m.shared, "router": m.router}
+    return state, target, {"shared": m.shared, "router": m.router, "level": m.level}
   result = merging.model_glue(
       states, zoo, score, graphdef=graphdef, model_state=model_state,
       data=data if m.router == "hidden" else None, base=base_params, threshold=m.threshold, method=m.pair_method,
-      coefficients=coefficients, dense_layers=m.dense_layers, top_k=m.top_k, shared=m.shared, **pairwise)
+      coefficients=coefficients, level=m.level, pooler=m.pooler, dense_layers=m.dense_layers, top_k=m.top_k,
+      shared=m.shared, **pairwise)
   return result.state, result.config, {
       "similarities": result.similarities.tolist(), "families": result.families, "members": result.members,
       "coefficients": result.coefficients}

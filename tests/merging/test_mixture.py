@@ -1,12 +1,15 @@
-"""FFN-level mixtures of dense models: a mixture whose router always picks source i
+"""Mixtures of dense models. FFN level: a mixture whose router always picks source i
 computes the dense model made of the shared model with source i's MLPs (source i itself
-when it is the shared one), in the hybrid variant too; `hidden_router`'s columns are the
-normalized mean FFN inputs of each source's data; configs that cannot be mixed are
-refused by name."""
+when it is the shared one), in the hybrid variant too. Block and model levels: one that
+always picks source i computes source i's blocks on the shared model's embeddings, head
+and dense layers, for any architecture. `hidden_router`'s columns are the normalized
+mean FFN inputs (or pooled layer inputs) of each source's data; configs that cannot be
+mixed are refused by name."""
 
 import dataclasses
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +19,7 @@ from flax import nnx
 from jaxlab.merging import hidden_router, mix, mixture_config
 from jaxlab.merging.mixture import check_mixable
 from jaxlab.nn import ModelConfig, Transformer
+from jaxlab.nn import block_mixture
 
 CFG = ModelConfig(vocab_size=16, d_model=16, num_layers=2, num_heads=2, mlp_dim=16)
 SOURCES = [nnx.split(Transformer(CFG, rngs=nnx.Rngs(seed)), nnx.Param, ...) for seed in (10, 11, 12)]
@@ -112,6 +116,79 @@ def test_the_hybrid_mixture_keeps_the_first_layers_dense_with_the_shared_ffn():
     np.testing.assert_allclose(mixture_logits(target, params, picked), expected, atol=1e-5, rtol=1e-5)
 
 
+# ---- block and model levels -----------------------------------------------------------------
+def dense_with_blocks_of(sources, shared: int, picked: int, layers) -> nnx.State:
+  """Source ``shared``'s parameters with the blocks ``layers`` taken from source ``picked``."""
+  other = flat(sources[picked])
+  return with_values(sources[shared], {name: value for name, value in other.items()
+                                       if name.startswith(tuple(f"blocks/{layer}/" for layer in layers))})
+
+
+def always_picking(monkeypatch, picked: int) -> None:
+  """Every sequence router sends every sequence to block ``picked`` with gate 1."""
+  def route(self, x, positions, cached=None):
+    return jnp.zeros((x.shape[0], self.config.block_experts)).at[:, picked].set(1.0)
+  monkeypatch.setattr(block_mixture.SequenceRouter, "__call__", route)
+
+
+MAMBA = ModelConfig(vocab_size=16, d_model=16, num_layers=3, mixers=("mamba", "attention"), ffns=("moe", "mlp"),
+                    num_heads=2, mlp_dim=16, moe_num_experts=2, moe_top_k=1, ssm_state=4)
+
+
+@pytest.mark.parametrize("config", [CFG, MAMBA], ids=["llama", "mamba_moe_hybrid"])
+@pytest.mark.parametrize("level", ["block", "model"])
+@pytest.mark.parametrize("dense_layers,shared,picked", [(0, 1, 1), (0, 0, 2), (1, 0, 2)])
+def test_a_block_mixture_whose_router_always_picks_source_i_computes_source_i(monkeypatch, config, level,
+                                                                              dense_layers, shared, picked):
+  split = [nnx.split(Transformer(config, rngs=nnx.Rngs(seed)), nnx.Param, ...) for seed in (20, 21, 22)]
+  graphdef, _, model_state = split[0]
+  sources = [p for _, p, _ in split]
+  target = mixture_config(config, 3, level=level, dense_layers=dense_layers)
+  params = mix(sources, config, target, shared=sources[shared], seed=1)
+  always_picking(monkeypatch, picked)
+  graph, _, state = nnx.split(nnx.eval_shape(lambda: Transformer(target, rngs=nnx.Rngs(0))), nnx.Param, ...)
+  mixture = nnx.merge(graph, params, jax.tree.map(jnp.zeros_like, state))
+  expected = dense_with_blocks_of(sources, shared, picked, range(dense_layers, config.num_layers))
+  if shared == picked:
+    chex.assert_trees_all_equal(flat(expected), flat(sources[picked]))
+  dense = nnx.merge(graphdef, expected, model_state)
+  np.testing.assert_allclose(mixture(TOKENS), dense(TOKENS), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("level", ["block", "model"])
+def test_the_expert_blocks_are_the_sources_blocks_and_the_rest_is_the_shared_model(level):
+  target = mixture_config(CFG, 3, level=level, dense_layers=1)
+  routers = {layer: jnp.full((CFG.d_model, 3), float(layer + 1)) for layer in range(CFG.num_layers)}
+  params = flat(mix(PARAMS, CFG, target, shared=PARAMS[1], routers=routers))
+  sources, shared = [flat(p) for p in PARAMS], flat(PARAMS[1])
+  router = params.pop("block_router/kernel" if level == "model" else "blocks/1/router/kernel")
+  np.testing.assert_array_equal(router, routers[1])
+  for name in [n for n in params if n.startswith("blocks/1/experts/")]:
+    e, rest = name.split("/")[3], "/".join(name.split("/")[4:])
+    np.testing.assert_array_equal(params.pop(name), sources[int(e)][f"blocks/1/{rest}"])
+  assert sorted(params) == sorted(n for n in shared if not n.startswith("blocks/1/"))
+  for name, value in params.items():
+    np.testing.assert_array_equal(value, shared[name], err_msg=name)
+
+
+@pytest.mark.parametrize("pooler", ["first_token", "mean"])
+def test_block_hidden_router_columns_are_the_normalized_mean_pooled_layer_inputs(pooler):
+  keys = jax.random.split(jax.random.key(8), 6)
+  data = [[jax.random.randint(keys[2 * e + b], (3, 5), 0, CFG.vocab_size) for b in range(2)] for e in range(3)]
+  routers = hidden_router(GRAPHDEF, PARAMS[2], MODEL_STATE, data, level="block", pooler=pooler)
+  model = nnx.merge(GRAPHDEF, PARAMS[2], MODEL_STATE)
+  for layer in range(CFG.num_layers):
+    for e in range(3):
+      pooled = []
+      for tokens in data[e]:
+        x, positions, _ = model.embeddings(tokens)
+        for block in model.blocks[:layer]:
+          x = block(x, positions)[0]
+        pooled.append(np.asarray(x[:, 0] if pooler == "first_token" else x.mean(axis=1), np.float64))
+      mean = np.concatenate(pooled).mean(axis=0)
+      np.testing.assert_allclose(routers[layer][:, e], mean / np.linalg.norm(mean), rtol=1e-4, atol=1e-6)
+
+
 # ---- hidden_router --------------------------------------------------------------------------
 def test_hidden_router_columns_are_the_normalized_mean_ffn_inputs_of_each_sources_data():
   keys = jax.random.split(jax.random.key(7), 6)
@@ -146,6 +223,11 @@ def test_configs_that_cannot_be_mixed_are_refused_by_name():
     mixture_config(dataclasses.replace(CFG, ffns=("mlp", "moe"), moe_num_experts=4), 3)
   with pytest.raises(ValueError, match=r"mlp_bias=True"):
     check_mixable(dataclasses.replace(CFG, mlp_bias=True), 3, 0, 1)
+  check_mixable(dataclasses.replace(CFG, mlp_bias=True, ffns=("moe",)), 3, 0, 1, level="block")
+  with pytest.raises(ValueError, match=r"level='sequence'"):
+    check_mixable(CFG, 3, 0, 1, level="sequence")
+  with pytest.raises(ValueError, match=r"block mixtures already"):
+    check_mixable(dataclasses.replace(CFG, block_experts=2), 3, 0, 1, level="block")
   with pytest.raises(ValueError, match=r"at least two source models; got 1"):
     check_mixable(CFG, 1, 0, 1)
   for dense_layers in (-1, CFG.num_layers):
@@ -154,5 +236,5 @@ def test_configs_that_cannot_be_mixed_are_refused_by_name():
   for top_k in (0, 4):
     with pytest.raises(ValueError, match=rf"top_k={top_k}"):
       mixture_config(CFG, 3, top_k=top_k)
-  with pytest.raises(ValueError, match=r"moe_num_experts=3 for 2 sources"):
+  with pytest.raises(ValueError, match=r"the target mixes 3 experts, but 2 sources"):
     mix(PARAMS[:2], CFG, mixture_config(CFG, 3), shared=PARAMS[0])

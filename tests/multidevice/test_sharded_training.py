@@ -59,7 +59,12 @@ def test_every_parameter_is_placed_as_the_rules_say(strategy, tiny_config, tmp_p
     assert table.addressable_shards[0].data.shape == (132, 16)
 
 
-def test_training_on_a_2x2x2_mesh_matches_one_device(tiny_config, tmp_path):
+BLOCK_MIXTURE = dict(block_experts=2, block_top_k=2, block_router="model", block_dense_layers=1)
+
+
+@pytest.mark.parametrize("model", [{}, BLOCK_MIXTURE], ids=["dense", "block_mixture"])
+def test_training_on_a_2x2x2_mesh_matches_one_device(model, tiny_config, tmp_path):
+  tiny_config.model.update(model)
   sharded = Trainer(configure(tiny_config.copy_and_resolve_references(), "fsdp_tp", MESHES["fsdp_tp"]),
                     tmp_path / "sharded")
   sharded.run()

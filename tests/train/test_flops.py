@@ -52,6 +52,19 @@ def test_moe_counts_only_the_active_experts(router, per_token):
   assert train_flops_per_token(params, config, 1) == pytest.approx(6 * want + 3 * 2 * attention_scores)
 
 
+def test_block_mixture_counts_the_chosen_blocks():
+  """A sequence runs k of the E blocks of each mixture layer (and their mixers' scores);
+  the single blocks and the routers count whole."""
+  config = ModelConfig(vocab_size=100, d_model=32, num_layers=3, num_heads=4, mlp_dim=64, block_experts=3,
+                       block_top_k=2, block_dense_layers=1)
+  params = nnx.state(Transformer(config, rngs=nnx.Rngs(0)), nnx.Param)
+  d = 32
+  block = 4 * d * d + 3 * d * 64
+  want = block + 2 * (2 * block + d * 3) + 100 * d
+  attention_scores = 4 * 4 * 8 * (1 + 1) / 2
+  assert train_flops_per_token(params, config, 1) == pytest.approx(6 * want + 3 * (1 + 2 * 2) * attention_scores)
+
+
 def test_cpu_peak_is_measured_and_plausible():
   peak = peak_flops(jax.devices()[:1])
   assert 1e8 < peak < 1e14 and math.isfinite(peak)

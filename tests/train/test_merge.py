@@ -115,6 +115,23 @@ def test_mixture_is_an_moe_run_and_exports_as_mixtral(zoo, tmp_path):
     np.testing.assert_allclose(experts[e], by_name(params_of(zoo / domain))["blocks/1/ffn/up/kernel"], atol=1e-6)
 
 
+def test_a_model_level_mixture_is_a_run_of_the_sources_blocks(zoo, tmp_path):
+  with pytest.raises(ValueError, match=r"merge.level='model'.*drop merge.export"):
+    merge_and_report(tiny_merge_config(inputs=inputs(zoo), method="mixture", level="model", export="x"), tmp_path / "x")
+  report = merge_and_report(tiny_merge_config(inputs=inputs(zoo), method="mixture", level="model", dense_layers=1),
+                            tmp_path / "blocks")
+  assert "model.block_experts: 0 -> 2" in report["model_changes"] and np.isfinite(report["output"]["mean/loss"])
+  written = json.loads((tmp_path / "blocks" / "config.json").read_text())["model"]
+  assert written["block_router"] == "model" and written["block_dense_layers"] == 1
+  params = by_name(params_of(tmp_path / "blocks"))
+  assert "block_router/kernel" in params
+  for e, domain in enumerate(DOMAINS):  # expert block e of layer 1 is source e's block 1
+    source = by_name(params_of(zoo / domain))
+    for name, value in source.items():
+      if name.startswith("blocks/1/"):
+        np.testing.assert_allclose(params[name.replace("blocks/1/", f"blocks/1/experts/{e}/")], value, atol=1e-6)
+
+
 def test_model_glue_clusters_then_mixes(zoo, tmp_path):
   config = tiny_merge_config(inputs=inputs(zoo), base=str(zoo / "base"), method="model_glue", threshold=0.999)
   report = merge_and_report(config, tmp_path / "glue")
