@@ -20,8 +20,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels.tile_matmul import TileMatmul
+
 SUB = 16  # rows per sub-block: the per-element (diagonal) part costs SUB · dk per step
-DOT = dict(preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -81,15 +82,6 @@ def _col(x: jax.Array, j) -> jax.Array:
   return jnp.sum(jnp.where(_iota(x.shape, 1) == j, x, 0.0), axis=1, keepdims=True)
 
 
-def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
-  return jax.lax.dot(a, b, **DOT)
-
-
-def _dot_t(a: jax.Array, b: jax.Array) -> jax.Array:
-  """a @ bᵀ."""
-  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), **DOT)
-
-
 def _causal(n: int) -> jax.Array:
   return _iota((n, n), 0) >= _iota((n, n), 1)
 
@@ -112,23 +104,24 @@ def _diag_scores(q, k, g) -> jax.Array:
   return jnp.where(_causal(SUB), a, 0.0)
 
 
-def _diag_grads(q, k, g, da) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """A (as `_diag_scores`), dq and dk [SUB, dk] of one diagonal sub-block from dA
-  (already causal-masked), sharing each column's decay."""
-  cols = _iota((SUB, SUB), 1)
+def _diag_dq(k, g, da) -> jax.Array:
+  """dq [SUB, dk] of one diagonal sub-block from dA (already causal-masked)."""
 
-  def body(j, carry):
-    a, dq, dk = carry
+  def body(j, dq):
+    decay, _ = _decay_from(g, j)
+    return dq + _col(da, j) * decay * _row(k, j)  # dA_ij exp(G_i - G_j) k_j, rows i
+
+  return jax.lax.fori_loop(0, SUB, body, jnp.zeros(k.shape, jnp.float32))
+
+
+def _diag_dk(q, g, da) -> jax.Array:
+  """dk [SUB, dk] of one diagonal sub-block from dA (already causal-masked)."""
+
+  def body(j, dk):
     decay, is_j = _decay_from(g, j)
-    a = jnp.where(cols == j, jnp.sum(q * _row(k, j) * decay, axis=1, keepdims=True), a)
-    weighted = _col(da, j) * decay  # dA_ij exp(G_i - G_j), rows i
-    dq = dq + weighted * _row(k, j)
-    dk = jnp.where(is_j, jnp.sum(weighted * q, axis=0, keepdims=True), dk)
-    return a, dq, dk
+    return jnp.where(is_j, jnp.sum(_col(da, j) * decay * q, axis=0, keepdims=True), dk)
 
-  zeros = jnp.zeros(q.shape, jnp.float32)
-  a, dq, dk = jax.lax.fori_loop(0, SUB, body, (jnp.zeros((SUB, SUB), jnp.float32), zeros, zeros))
-  return jnp.where(_causal(SUB), a, 0.0), dq, dk
+  return jax.lax.fori_loop(0, SUB, body, jnp.zeros(q.shape, jnp.float32))
 
 
 def _before(start: int, c: int) -> jax.Array:
@@ -141,59 +134,136 @@ def _after(start: int, c: int) -> jax.Array:
   return _iota((1, c), 1) >= start
 
 
-def forward_chunk(q_ref, k_ref, v_ref, g_ref, o_ref, state_t, base, c: int, scale: float):
-  """Writes o for the chunk's c rows from ``base`` and returns the next Sᵀ [dv, dk]."""
+def chunk_outputs(q_ref, k_ref, v_ref, g_ref, o_ref, state_t, base, c: int, scale: float,
+                  mm: TileMatmul = TileMatmul()) -> None:
+  """Writes o for the chunk's c rows from ``base``, entered with Sᵀ = ``state_t``."""
   chunk = lambda ref: _load(ref, base, c)  # noqa: E731  (loaded where used: fewer live values)
   for start in range(0, c, SUB):
     rows = pl.ds(base + start, SUB)
     q, k, v, g = (_load(r, base + start, SUB) for r in (q_ref, k_ref, v_ref, g_ref))
     q = q * scale
-    o = _dot_t(q * jnp.exp(g), state_t) + _dot(_diag_scores(q, k, g), v)
+    o = mm(q * jnp.exp(g), state_t, (1, 1)) + mm(_diag_scores(q, k, g), v)
     if start:  # earlier sub-blocks, with this sub-block's first row as reference
       ref = _row(g, 0)
       k_ref_ = chunk(k_ref) * jnp.exp(jnp.minimum(ref - chunk(g_ref), 0.0))
-      scores = jnp.where(_before(start, c), _dot_t(q * jnp.exp(g - ref), k_ref_), 0.0)
-      o = o + _dot(scores, chunk(v_ref))
+      scores = jnp.where(_before(start, c), mm(q * jnp.exp(g - ref), k_ref_, (1, 1)), 0.0)
+      o = o + mm(scores, chunk(v_ref))
     o_ref[rows, :] = o.astype(o_ref.dtype)
-  g_all = chunk(g_ref)
-  last = _row(g_all, c - 1)
-  return jnp.exp(last) * state_t + _dot(chunk(v_ref).T, chunk(k_ref) * jnp.exp(last - g_all))
+
+
+def chunk_decay(g_ref, base, c: int) -> jax.Array:
+  """exp(G_last) [1, dk]: the decay of the state's columns over the chunk."""
+  return jnp.exp(_row(_load(g_ref, base, c), c - 1))
+
+
+def chunk_added_state(k_ref, v_ref, g_ref, base, c: int, mm: TileMatmul = TileMatmul()) -> jax.Array:
+  """(k ⊙ exp(G_last - G))ᵀ v as Sᵀ [dv, dk]: what the chunk adds to a zero state."""
+  g_all = _load(g_ref, base, c)
+  return mm(_load(v_ref, base, c), _load(k_ref, base, c) * jnp.exp(_row(g_all, c - 1) - g_all), (0, 0))
+
+
+def forward_chunk(q_ref, k_ref, v_ref, g_ref, o_ref, state_t, base, c: int, scale: float):
+  """Writes o for the chunk's c rows from ``base`` and returns the next Sᵀ [dv, dk]."""
+  chunk_outputs(q_ref, k_ref, v_ref, g_ref, o_ref, state_t, base, c, scale)
+  return chunk_decay(g_ref, base, c) * state_t + chunk_added_state(k_ref, v_ref, g_ref, base, c)
+
+
+# The gradients of one sub-block of rows from ``start``: ``ins`` = its (q · scale, k, v, g,
+# do) in fp32, ``chunk(ref)`` loads the whole chunk. The states are arrays, or refs read
+# where used (fewer live registers in the GPU kernels).
+
+
+def _sub_dq(ins, chunk, start: int, c: int, state_t, mm: TileMatmul) -> jax.Array:
+  """dq (of the scaled q) from the diagonal, the entering state and the earlier keys."""
+  _, k, v, g, do = ins
+  dq = _diag_dq(k, g, jnp.where(_causal(SUB), mm(do, v, (1, 1)), 0.0)) + mm(do, state_t[...]) * jnp.exp(g)
+  if start:  # reference: the sub-block's first row
+    ref = _row(g, 0)
+    k_ref_ = chunk(1) * jnp.exp(jnp.minimum(ref - chunk(3), 0.0))
+    da_off = jnp.where(_before(start, c), mm(do, chunk(2), (1, 1)), 0.0)
+    dq = dq + mm(da_off, k_ref_) * jnp.exp(g - ref)
+  return dq
+
+
+def _sub_dk(ins, chunk, start: int, c: int, scale: float, last, dstate_t, mm: TileMatmul) -> jax.Array:
+  """dk from the diagonal, the leaving state's gradient and the later queries."""
+  q, _, v, g, do = ins
+  dk = _diag_dk(q, g, jnp.where(_causal(SUB), mm(do, v, (1, 1)), 0.0)) + mm(v, dstate_t[...]) * jnp.exp(last - g)
+  if start + SUB < c:  # reference: the sub-block's last row
+    ref = _row(g, SUB - 1)
+    q_ref_ = chunk(0) * scale * jnp.exp(jnp.minimum(chunk(3) - ref, 0.0))
+    da_t = jnp.where(_after(start + SUB, c), mm(v, chunk(4), (1, 1)), 0.0)  # dA_ij: keys j here, queries i later
+    dk = dk + mm(da_t, q_ref_) * jnp.exp(ref - g)
+  return dk
+
+
+def _sub_blocks(refs, base, c: int, scale: float):
+  """(rows, ins, chunk) per sub-block of the chunk, for refs (q, k, v, g, do)."""
+  chunk = lambda i: _load(refs[i], base, c)  # noqa: E731  (loaded where used: fewer live values)
+  for start in range(0, c, SUB):
+    q, k, v, g, do = (_load(r, base + start, SUB) for r in refs)
+    yield start, pl.ds(base + start, SUB), (q * scale, k, v, g, do), chunk
+
+
+def chunk_qk_grads(q_ref, k_ref, v_ref, g_ref, do_ref, dq_ref, dk_ref, dg_ref, state_t, dstate_t, base,
+                   c: int, scale: float, mm: TileMatmul = TileMatmul()) -> None:
+  """Writes dq, dk and dG = q ⊙ dq - k ⊙ dk for the chunk's rows; ``state_t`` is Sᵀ
+  entering the chunk, ``dstate_t`` the gradient of Sᵀ leaving it."""
+  refs = (q_ref, k_ref, v_ref, g_ref, do_ref)
+  last = _row(_load(g_ref, base, c), c - 1)
+  for start, rows, ins, chunk in _sub_blocks(refs, base, c, scale):
+    dq = _sub_dq(ins, chunk, start, c, state_t, mm)
+    dk = _sub_dk(ins, chunk, start, c, scale, last, dstate_t, mm)
+    dq_ref[rows, :] = (dq * scale).astype(dq_ref.dtype)
+    dk_ref[rows, :] = dk.astype(dk_ref.dtype)
+    dg_ref[rows, :] = ins[0] * dq - ins[1] * dk
+
+
+def chunk_q_grads(q_ref, k_ref, v_ref, g_ref, do_ref, dq_ref, dgq_ref, state_t, base, c: int, scale: float,
+                  mm: TileMatmul = TileMatmul()) -> None:
+  """`chunk_qk_grads`' dq and q ⊙ dq alone."""
+  for start, rows, ins, chunk in _sub_blocks((q_ref, k_ref, v_ref, g_ref, do_ref), base, c, scale):
+    dq = _sub_dq(ins, chunk, start, c, state_t, mm)
+    dq_ref[rows, :] = (dq * scale).astype(dq_ref.dtype)
+    dgq_ref[rows, :] = ins[0] * dq
+
+
+def chunk_k_grads(q_ref, k_ref, v_ref, g_ref, do_ref, dk_ref, dgk_ref, dstate_t, base, c: int, scale: float,
+                  mm: TileMatmul = TileMatmul()) -> None:
+  """`chunk_qk_grads`' dk and k ⊙ dk alone."""
+  last = _row(_load(g_ref, base, c), c - 1)
+  for start, rows, ins, chunk in _sub_blocks((q_ref, k_ref, v_ref, g_ref, do_ref), base, c, scale):
+    dk = _sub_dk(ins, chunk, start, c, scale, last, dstate_t, mm)
+    dk_ref[rows, :] = dk.astype(dk_ref.dtype)
+    dgk_ref[rows, :] = ins[1] * dk
+
+
+def chunk_v_grads(q_ref, k_ref, g_ref, do_ref, dv_ref, dstate_t, base, c: int, scale: float,
+                  mm: TileMatmul = TileMatmul()) -> None:
+  """Writes dv for the chunk's rows; ``dstate_t`` is the gradient of Sᵀ leaving it."""
+  chunk = lambda ref: _load(ref, base, c)  # noqa: E731
+  last = _row(chunk(g_ref), c - 1)
+  for start in range(0, c, SUB):
+    rows = pl.ds(base + start, SUB)
+    q, k, g, do = (_load(r, base + start, SUB) for r in (q_ref, k_ref, g_ref, do_ref))
+    dv = mm(k * jnp.exp(last - g), dstate_t, (1, 1)) + mm(_diag_scores(q * scale, k, g), do, (0, 0))
+    if start + SUB < c:  # this sub-block as keys of later queries; reference: its last row
+      ref = _row(g, SUB - 1)
+      q_ref_ = chunk(q_ref) * scale * jnp.exp(jnp.minimum(chunk(g_ref) - ref, 0.0))
+      scores_t = jnp.where(_after(start + SUB, c), mm(k * jnp.exp(ref - g), q_ref_, (1, 1)), 0.0)
+      dv = dv + mm(scores_t, chunk(do_ref))
+    dv_ref[rows, :] = dv.astype(dv_ref.dtype)
+
+
+def chunk_state_grad(q_ref, g_ref, do_ref, base, c: int, scale: float, mm: TileMatmul = TileMatmul()):
+  """doᵀ (q ⊙ exp(G)) as Sᵀ [dv, dk]: the gradient the chunk's outputs send to the state
+  it is entered with."""
+  return mm(_load(do_ref, base, c), _load(q_ref, base, c) * scale * jnp.exp(_load(g_ref, base, c)), (0, 0))
 
 
 def backward_chunk(q_ref, k_ref, v_ref, g_ref, do_ref, dq_ref, dk_ref, dv_ref, dg_ref, state_t,
                    dstate_t, base, c: int, scale: float):
-  """Writes dq, dk, dv and dG = q ⊙ dq - k ⊙ dk for the chunk's rows; ``state_t`` is Sᵀ
-  entering the chunk, ``dstate_t`` the gradient of Sᵀ leaving it. Returns the gradient
-  of Sᵀ entering it."""
-  chunk = lambda ref: _load(ref, base, c)  # noqa: E731  (loaded where used: fewer live values)
-  last = _row(chunk(g_ref), c - 1)
-  for start in range(0, c, SUB):
-    rows = pl.ds(base + start, SUB)
-    q, k, v, g, do = (_load(r, base + start, SUB) for r in (q_ref, k_ref, v_ref, g_ref, do_ref))
-    q = q * scale
-    da = jnp.where(_causal(SUB), _dot_t(do, v), 0.0)
-    a, dq, dk = _diag_grads(q, k, g, da)
-    dq = dq + _dot(do, state_t) * jnp.exp(g)
-    to_end = jnp.exp(last - g)
-    dk = dk + _dot(v, dstate_t) * to_end
-    dv = _dot_t(k * to_end, dstate_t) + _dot(a.T, do)
-    if start:  # this sub-block as queries of earlier keys; reference: its first row
-      ref = _row(g, 0)
-      k_ref_ = chunk(k_ref) * jnp.exp(jnp.minimum(ref - chunk(g_ref), 0.0))
-      da_off = jnp.where(_before(start, c), _dot_t(do, chunk(v_ref)), 0.0)
-      dq = dq + _dot(da_off, k_ref_) * jnp.exp(g - ref)
-    if start + SUB < c:  # this sub-block as keys of later queries; reference: its last row
-      ref = _row(g, SUB - 1)
-      later = _after(start + SUB, c)
-      q_ref_ = chunk(q_ref) * scale * jnp.exp(jnp.minimum(chunk(g_ref) - ref, 0.0))
-      from_ref = jnp.exp(ref - g)
-      do_all = chunk(do_ref)
-      dv = dv + _dot(jnp.where(later, _dot_t(k * from_ref, q_ref_), 0.0), do_all)
-      da_t = jnp.where(later, _dot_t(v, do_all), 0.0)  # dA_ij for keys j here, queries i later
-      dk = dk + _dot(da_t, q_ref_) * from_ref
-    dq_ref[rows, :] = (dq * scale).astype(dq_ref.dtype)
-    dk_ref[rows, :] = dk.astype(dk_ref.dtype)
-    dv_ref[rows, :] = dv.astype(dv_ref.dtype)
-    dg_ref[rows, :] = q * dq - k * dk
-  q_decayed = chunk(q_ref) * scale * jnp.exp(chunk(g_ref))
-  return jnp.exp(last) * dstate_t + _dot(chunk(do_ref).T, q_decayed)
+  """`chunk_qk_grads` and `chunk_v_grads`, returning the gradient of Sᵀ entering the chunk."""
+  chunk_qk_grads(q_ref, k_ref, v_ref, g_ref, do_ref, dq_ref, dk_ref, dg_ref, state_t, dstate_t, base, c, scale)
+  chunk_v_grads(q_ref, k_ref, g_ref, do_ref, dv_ref, dstate_t, base, c, scale)
+  return chunk_decay(g_ref, base, c) * dstate_t + chunk_state_grad(q_ref, g_ref, do_ref, base, c, scale)

@@ -127,7 +127,8 @@ def gla(
   chunk = chunk_len(t, chunk_size)
 
   def kernel(backend: str, interpret: bool):
-    return lambda *args: _pallas_gla(*args, _Kernel(backend, scale, chunk, interpret))
+    c = min(chunk, gpu.MAX_CHUNK[q.dtype == jnp.float32]) if backend == "gpu" else chunk
+    return lambda *args: _pallas_gla(*args, _Kernel(backend, scale, c, interpret))
 
   sequential = lambda q, k, v, g, s0: gla_reference(q, k, v, g, scale, s0, return_final_state=True)  # noqa: E731
   chosen = choose(implementation, kernel, lambda *a: gla_xla(*a, scale, chunk), interpret_backend,

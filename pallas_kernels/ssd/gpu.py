@@ -1,11 +1,32 @@
-"""Pallas GPU kernels for SSD (Triton lowering): the forward and the backward.
+"""Pallas GPU kernels for SSD (Triton lowering), parallel over chunks.
 
-One program per (batch, head) loops over the chunks in order (forward) or in reverse
-(backward), carrying the state [p, n] (or its gradient) in fp32 registers; the
-per-chunk math is `xla.chunk_forward` / `xla.chunk_backward`. The forward stores the
-state at the start of every chunk, which the backward recomputes each chunk from.
-Layout is the public ``[b, t, h, ·]``. The chunk (at most 64), p and n are powers of two
->= 16 (the inputs are zero-padded: padded features stay zero, padded steps have dt = 0).
+The chunk kernels run one program per (batch, head, chunk), as mamba_ssm's and
+flash-linear-attention's chunk kernels do; the only sequential part, the state passed
+from chunk to chunk, is the light `chunk_states` kernel between them. Per chunk,
+with the terms of `xla.decay_terms` (M, exp(Λ), exp(γ - Λ), exp(γ)) and v = dt ⊙ x::
+
+  ssd_chunk_state  U = (v ⊙ exp(γ - Λ))ᵀ B          the chunk's state from a zero start
+  state passing    S_{c+1} = exp(γ_c) S_c + U_c       the state entering every chunk
+  ssd_fwd          y = ((C Bᵀ) ⊙ M) v + exp(Λ) ⊙ (C Sᵀ) + D x
+
+and backward, with dS the gradient of the state the chunk leaves with::
+
+  ssd_state_grad   (dy ⊙ exp(Λ))ᵀ C                   what y sends to the entering state
+  state passing    dS_{c-1} = exp(γ_c) dS_c + that    (in reverse; and d initial state)
+  ssd_bwd          dv = ((C Bᵀ) ⊙ M)ᵀ dy + exp(γ - Λ) ⊙ (B dSᵀ);  dx = dv ⊙ dt + D dy
+  ssd_bwd_bc       dC = (dy ⊙ exp(Λ)) S + ((dy vᵀ) ⊙ M) B;  dB = ((dy vᵀ) ⊙ M)ᵀ C + (v ⊙ exp(γ - Λ)) dS
+
+Tiles and registers (measured with ptxas for H100 and A100, spills as errors in
+tests/pallas_kernels/test_compile_targets.py): the chunk is at most 64 steps for bf16
+inputs and 32 for fp32 ones (their three-pass matmuls split both operands, and at 64 the
+fp32 kernels spill on A100), so an [L, L] tile (M, the scores) takes at most 16 fp32
+registers per thread at 8 warps; the state dimension n is walked in blocks of `N_BLOCK`
+columns, so no [L, n] or [p, n] tile of a Mamba-2 layer (n = 128) is held whole beside
+them (held whole, the gradient kernels spilled kilobytes at 255 registers). Matmul
+operands follow `tile_matmul.TileMatmul.for_gpu` (the fp32 path without tensor cores
+spilled tens of kilobytes at these tiles). Layout is the public ``[b, t, h, ·]``; the saved states are
+[b, h, chunks, p_pad, n_pad] fp32; p and n are powers of two >= 16 (the inputs are
+zero-padded: padded features stay zero, padded steps have dt = 0).
 """
 
 from __future__ import annotations
@@ -17,12 +38,15 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
+from jaxtyping import Array, Float
 
-from pallas_kernels.ssd.xla import F32, chunk_backward, chunk_forward, chunk_log_decay, pad_time, round_up
+from pallas_kernels.chunk_states import states_entering_chunks
+from pallas_kernels.ssd.xla import F32, chunk_log_decay, decay_terms, pad_time, round_up
+from pallas_kernels.tile_matmul import TileMatmul
 
-
-# [L, L] fp32 tiles live in registers: longer chunks would spill (FLA uses 64 as well).
-MAX_CHUNK = 64
+MAX_CHUNK = {False: 64, True: 32}  # fp32 inputs or not
+N_BLOCK = 32
+NUM_WARPS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,12 +61,17 @@ class _Layout:
     return self.size * self.nc
 
 
+  @property
+  def n_block(self) -> int:
+    return min(N_BLOCK, self.n)
+
+
 def _pow2(n: int) -> int:
   return max(16, 1 << max(n - 1, 0).bit_length())
 
 
-def _layout(t: int, p: int, n: int, chunk_size: int) -> _Layout:
-  size = _pow2(min(chunk_size, t, MAX_CHUNK))
+def _layout(t: int, p: int, n: int, chunk_size: int, dtype) -> _Layout:
+  size = _pow2(min(chunk_size, t, MAX_CHUNK[jnp.dtype(dtype) == F32]))
   return _Layout(size, round_up(t, size) // size, _pow2(p), _pow2(n))
 
 
@@ -58,59 +87,100 @@ def _pad_state(s: jax.Array, lay: _Layout) -> jax.Array:
   return jnp.pad(s, ((0, 0), (0, 0), (0, lay.p - s.shape[2]), (0, 0)))
 
 
-def _chunk(lay: _Layout, c):
-  return pl.ds(pl.multiple_of(c * lay.size, lay.size), lay.size)
+def _load(x_ref, dt_ref, lam_ref):
+  """A chunk's x (fp32), dt [L, 1], v = dt ⊙ x, and the decay terms of `xla.decay_terms`."""
+  x32, dt, lam = x_ref[...].astype(F32), dt_ref[...][:, None], lam_ref[...]
+  return x32, dt, x32 * dt, decay_terms(lam[:, None], lam[None, :])
 
 
-def _load(x_ref, dt_ref, lam_ref, B_ref, C_ref, rows):
-  """One chunk of the inputs, with dt and Λ as columns and Λ once more as a row."""
-  dt, lam = dt_ref[rows], lam_ref[rows]
-  return x_ref[rows, :], dt[:, None], lam[:, None], lam[None, :], B_ref[rows, :], C_ref[rows, :]
+def _state_blocks(lay: _Layout, body, init):
+  """``body(columns, carry)`` over the blocks of the state dimension n."""
+  def step(k, carry):
+    return body(pl.ds(pl.multiple_of(k * lay.n_block, lay.n_block), lay.n_block), carry)
+
+  return jax.lax.fori_loop(0, lay.n // lay.n_block, step, init)
 
 
-def _forward_kernel(x_ref, dt_ref, lam_ref, B_ref, C_ref, D_ref, s0_ref, y_ref, states_ref,
-                    final_ref, *, lay: _Layout):
-  D = D_ref[...]
+def _chunk_state_kernel(x_ref, dt_ref, lam_ref, B_ref, added_ref, *, lay: _Layout, mm: TileMatmul):
+  _, _, v, (_, _, e_tail, _) = _load(x_ref, dt_ref, lam_ref)
+  v_tail = v * e_tail
 
-  def body(c, S):
-    rows = _chunk(lay, c)
-    states_ref[pl.ds(pl.multiple_of(c * lay.p, lay.p), lay.p), :] = S
-    y, S = chunk_forward(*_load(x_ref, dt_ref, lam_ref, B_ref, C_ref, rows), D, S)
-    y_ref[rows, :] = y.astype(y_ref.dtype)
-    return S
+  def block(cols, carry):
+    added_ref[:, cols] = mm(v_tail, B_ref[:, cols], (0, 0))
+    return carry
 
-  final_ref[...] = jax.lax.fori_loop(0, lay.nc, body, s0_ref[...])
+  _state_blocks(lay, block, 0)
 
 
-def _backward_kernel(x_ref, dt_ref, lam_ref, B_ref, C_ref, D_ref, states_ref, dy_ref, dfinal_ref,
-                     dx_ref, ddt_ref, dB_ref, dC_ref, ds0_ref, *, lay: _Layout):
-  D = D_ref[...]
+def _forward_kernel(x_ref, dt_ref, lam_ref, B_ref, C_ref, D_ref, S_ref, y_ref, *, lay: _Layout, mm: TileMatmul):
+  x32, _, v, (mask, e_lam, _, _) = _load(x_ref, dt_ref, lam_ref)
 
-  def body(i, dS):
-    c = lay.nc - 1 - i
-    rows = _chunk(lay, c)
-    S = states_ref[pl.ds(pl.multiple_of(c * lay.p, lay.p), lay.p), :]
-    dx, ddt, dB, dC, dS = chunk_backward(*_load(x_ref, dt_ref, lam_ref, B_ref, C_ref, rows), D, S,
-                                         dy_ref[rows, :], dS)
-    dx_ref[rows, :] = dx.astype(dx_ref.dtype)
-    ddt_ref[rows, :] = ddt
-    dB_ref[rows, :] = dB
-    dC_ref[rows, :] = dC
-    return dS
+  def block(cols, carry):
+    scores, from_state = carry
+    C = C_ref[:, cols]
+    return scores + mm(C, B_ref[:, cols], (1, 1)), from_state + mm(C, S_ref[:, cols], (1, 1))
 
-  ds0_ref[...] = jax.lax.fori_loop(0, lay.nc, body, dfinal_ref[...])
+  scores, from_state = _state_blocks(
+      lay, block, (jnp.zeros((lay.size, lay.size), F32), jnp.zeros((lay.size, lay.p), F32)))
+  y = mm(scores * mask, v) + e_lam * from_state + D_ref[...] * x32
+  y_ref[...] = y.astype(y_ref.dtype)
+
+
+def _state_grad_kernel(lam_ref, C_ref, dy_ref, sent_ref, *, lay: _Layout, mm: TileMatmul):
+  lam = lam_ref[...]
+  _, e_lam, _, _ = decay_terms(lam[:, None], lam[None, :])
+  dy_lam = dy_ref[...].astype(F32) * e_lam
+
+  def block(cols, carry):
+    sent_ref[:, cols] = mm(dy_lam, C_ref[:, cols], (0, 0))
+    return carry
+
+  _state_blocks(lay, block, 0)
+
+
+def _backward_kernel(x_ref, dt_ref, lam_ref, B_ref, C_ref, D_ref, dy_ref, dS_ref, dx_ref, ddt_ref, *,
+                     lay: _Layout, mm: TileMatmul):
+  """dx and Σ_p dv ⊙ x (the dt gradient through v)."""
+  x32, dt, _, (mask, _, e_tail, _) = _load(x_ref, dt_ref, lam_ref)
+  dy = dy_ref[...].astype(F32)
+
+  def block(cols, carry):
+    scores, from_state = carry
+    B = B_ref[:, cols]
+    return scores + mm(C_ref[:, cols], B, (1, 1)), from_state + mm(B, dS_ref[:, cols], (1, 1))
+
+  scores, from_state = _state_blocks(
+      lay, block, (jnp.zeros((lay.size, lay.size), F32), jnp.zeros((lay.size, lay.p), F32)))
+  dv = mm(scores * mask, dy, (0, 0)) + e_tail * from_state
+  dx_ref[...] = (dv * dt + D_ref[...] * dy).astype(dx_ref.dtype)
+  ddt_ref[...] = jnp.sum(dv * x32, axis=1, keepdims=True)
+
+
+def _backward_bc_kernel(x_ref, dt_ref, lam_ref, B_ref, C_ref, S_ref, dy_ref, dS_ref, dB_ref, dC_ref, *,
+                        lay: _Layout, mm: TileMatmul):
+  """This head's dB and dC."""
+  _, _, v, (mask, e_lam, e_tail, _) = _load(x_ref, dt_ref, lam_ref)
+  dy = dy_ref[...].astype(F32)
+  dscores = mm(dy, v, (1, 1)) * mask
+  dy_lam, v_tail = dy * e_lam, v * e_tail
+
+  def block(cols, carry):
+    dC_ref[:, cols] = mm(dy_lam, S_ref[:, cols]) + mm(dscores, B_ref[:, cols])
+    dB_ref[:, cols] = mm(dscores, C_ref[:, cols], (0, 0)) + mm(v_tail, dS_ref[:, cols])
+    return carry
+
+  _state_blocks(lay, block, 0)
 
 
 def _specs(lay: _Layout, group: int):
-  """BlockSpecs over the grid (b, h): each program sees its head's whole sequence."""
-  seq = lambda w: pl.BlockSpec((None, lay.t_pad, None, w), lambda b, h: (b, 0, h, 0))  # noqa: E731
+  """BlockSpecs over the grid (b, h, c): each program sees one chunk of one head."""
+  steps = lambda w: pl.BlockSpec((None, lay.size, None, w), lambda b, h, c: (b, c, h, 0))  # noqa: E731
   return {
-      "x": seq(lay.p), "n": seq(lay.n), "col": seq(1),
-      "step": pl.BlockSpec((None, lay.t_pad, None), lambda b, h: (b, 0, h)),
-      "bc": pl.BlockSpec((None, lay.t_pad, None, lay.n), lambda b, h: (b, 0, jax.lax.div(h, group), 0)),
-      "D": pl.BlockSpec((None,), lambda b, h: (h,)),
-      "state": pl.BlockSpec((None, None, lay.p, lay.n), lambda b, h: (b, h, 0, 0)),
-      "states": pl.BlockSpec((None, None, lay.nc * lay.p, lay.n), lambda b, h: (b, h, 0, 0)),
+      "x": steps(lay.p), "n": steps(lay.n), "col": steps(1),
+      "step": pl.BlockSpec((None, lay.size, None), lambda b, h, c: (b, c, h)),
+      "bc": pl.BlockSpec((None, lay.size, None, lay.n), lambda b, h, c: (b, c, jax.lax.div(h, group), 0)),
+      "D": pl.BlockSpec((None,), lambda b, h, c: (h,)),
+      "state": pl.BlockSpec((None, None, None, lay.p, lay.n), lambda b, h, c: (b, h, c, 0, 0)),
   }
 
 
@@ -121,26 +191,43 @@ def _prepare(x, dt, A, B, C, lay: _Layout):
   return pad(x, lay.p), dt, lam, pad(B, lay.n), pad(C, lay.n)
 
 
-def _params():
-  return pltriton.CompilerParams(num_warps=4, num_stages=1)
+def _chunk_decays(lam: Float[Array, "b t h"], lay: _Layout) -> Float[Array, "b h c 1"]:
+  """exp(γ) of every chunk: its total decay."""
+  b, _, h = lam.shape
+  gamma = lam.reshape(b, lay.nc, lay.size, h)[:, :, -1]
+  return jnp.exp(jnp.moveaxis(gamma, 2, 1))[..., None]
+
+
+def _caller(lay: _Layout, b: int, h: int, dtype, interpret):
+  """``call(kernel, in_specs, out_specs, out_shape, name)`` on the grid (b, h, chunks)."""
+  mm = TileMatmul.for_gpu(dtype, bool(interpret))
+
+  def call(kernel, in_specs, out_specs, out_shape, name):
+    return pl.pallas_call(
+        functools.partial(kernel, lay=lay, mm=mm), grid=(b, h, lay.nc), in_specs=in_specs,
+        out_specs=out_specs, out_shape=out_shape,
+        compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+        interpret=interpret, name=name)
+
+  return call
 
 
 def forward(x, dt, A, B, C, D, s0, chunk_size: int, interpret):
-  """y [b, t, h, p], the chunk-start states [b, h, chunks·p_pad, n_pad] and the final state."""
+  """y [b, t, h, p], the chunk-start states [b, h, chunks, p_pad, n_pad] and the final state."""
   b, t, h, p = x.shape
   g, n = B.shape[2], B.shape[3]
-  lay = _layout(t, p, n, chunk_size)
-  inputs = _prepare(x, dt, A, B, C, lay)
+  lay = _layout(t, p, n, chunk_size, x.dtype)
+  xp, dtp, lam, Bp, Cp = _prepare(x, dt, A, B, C, lay)
   sp = _specs(lay, h // g)
-  y, states, final = pl.pallas_call(
-      functools.partial(_forward_kernel, lay=lay), grid=(b, h),
-      in_specs=[sp["x"], sp["step"], sp["step"], sp["bc"], sp["bc"], sp["D"], sp["state"]],
-      out_specs=[sp["x"], sp["states"], sp["state"]],
-      out_shape=[jax.ShapeDtypeStruct(inputs[0].shape, x.dtype),
-                 jax.ShapeDtypeStruct((b, h, lay.nc * lay.p, lay.n), F32),
-                 jax.ShapeDtypeStruct((b, h, lay.p, lay.n), F32)],
-      compiler_params=_params(), interpret=interpret, name="ssd_fwd",
-  )(*inputs, D.astype(F32), _pad_state(s0, lay))
+  call = _caller(lay, b, h, x.dtype, interpret)
+  states_shape = jax.ShapeDtypeStruct((b, h, lay.nc, lay.p, lay.n), F32)
+  added = call(_chunk_state_kernel, [sp["x"], sp["step"], sp["step"], sp["bc"]], sp["state"], states_shape,
+               "ssd_chunk_state")(xp, dtp, lam, Bp)
+  states, final = states_entering_chunks(_chunk_decays(lam, lay), added, _pad_state(s0, lay),
+                                         interpret=interpret)
+  y = call(_forward_kernel, [sp["x"], sp["step"], sp["step"], sp["bc"], sp["bc"], sp["D"], sp["state"]],
+           sp["x"], jax.ShapeDtypeStruct(xp.shape, x.dtype), "ssd_fwd")(xp, dtp, lam, Bp, Cp, D.astype(F32),
+                                                                        states)
   return y[:, :t, :, :p], states, final[:, :, :p, :n]
 
 
@@ -149,17 +236,24 @@ def backward(x, dt, A, B, C, D, states, dy, dfinal, chunk_size: int, interpret):
   d initial_state [b, h, p, n]."""
   b, t, h, p = x.shape
   g, n = B.shape[2], B.shape[3]
-  lay = _layout(t, p, n, chunk_size)
-  inputs = _prepare(x, dt, A, B, C, lay)
+  lay = _layout(t, p, n, chunk_size, x.dtype)
+  xp, dtp, lam, Bp, Cp = _prepare(x, dt, A, B, C, lay)
+  dyp = _pad_last(pad_time(dy, lay.t_pad), lay.p)
   sp = _specs(lay, h // g)
+  call = _caller(lay, b, h, x.dtype, interpret)
+  sent = call(_state_grad_kernel, [sp["step"], sp["bc"], sp["x"]], sp["state"],
+              jax.ShapeDtypeStruct(states.shape, F32), "ssd_state_grad")(lam, Cp, dyp)
+  dleaving, ds0 = states_entering_chunks(_chunk_decays(lam, lay), sent, _pad_state(dfinal, lay),
+                                         reverse=True, interpret=interpret)
   per_head = lambda w: jax.ShapeDtypeStruct((b, lay.t_pad, h, w), F32)  # noqa: E731
-  dx, ddt, dB, dC, ds0 = pl.pallas_call(
-      functools.partial(_backward_kernel, lay=lay), grid=(b, h),
-      in_specs=[sp["x"], sp["step"], sp["step"], sp["bc"], sp["bc"], sp["D"], sp["states"], sp["x"],
-                sp["state"]],
-      out_specs=[sp["x"], sp["col"], sp["n"], sp["n"], sp["state"]],
-      out_shape=[jax.ShapeDtypeStruct(inputs[0].shape, x.dtype), per_head(1), per_head(lay.n),
-                 per_head(lay.n), jax.ShapeDtypeStruct((b, h, lay.p, lay.n), F32)],
-      compiler_params=_params(), interpret=interpret, name="ssd_bwd",
-  )(*inputs, D.astype(F32), states, _pad_last(pad_time(dy, lay.t_pad), lay.p), _pad_state(dfinal, lay))
+  dx, ddt = call(
+      _backward_kernel,
+      [sp["x"], sp["step"], sp["step"], sp["bc"], sp["bc"], sp["D"], sp["x"], sp["state"]],
+      [sp["x"], sp["col"]], [jax.ShapeDtypeStruct(xp.shape, x.dtype), per_head(1)],
+      "ssd_bwd")(xp, dtp, lam, Bp, Cp, D.astype(F32), dyp, dleaving)
+  dB, dC = call(
+      _backward_bc_kernel,
+      [sp["x"], sp["step"], sp["step"], sp["bc"], sp["bc"], sp["state"], sp["x"], sp["state"]],
+      [sp["n"], sp["n"]], [per_head(lay.n), per_head(lay.n)],
+      "ssd_bwd_bc")(xp, dtp, lam, Bp, Cp, states, dyp, dleaving)
   return dx[:, :t, :, :p], ddt[:, :t, :, 0], dB[:, :t, :, :n], dC[:, :t, :, :n], ds0[:, :, :p, :n]
