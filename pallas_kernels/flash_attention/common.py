@@ -79,7 +79,14 @@ def tile_scores(q, k, q_pos, k_pos, q_seg, k_seg, slope, p: MaskParams):
   """fp32 scores of q [..., bq, d] against k [..., bk, d] (leading dims broadcast) and
   which of them are visible; positions, segments and the ALiBi slope broadcast to
   [..., bq, bk]."""
-  s = jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=jnp.float32) * p.scale
+  s = jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=jnp.float32)
+  return finish_scores(s, q_pos, k_pos, q_seg, k_seg, slope, p)
+
+
+def finish_scores(qk, q_pos, k_pos, q_seg, k_seg, slope, p: MaskParams):
+  """`tile_scores` from the products q·k (fp32) of a tile in either orientation
+  ([bq, bk], or [bk, bq] with positions and segments laid out the same way)."""
+  s = qk * p.scale
   if p.has_alibi:
     s = s - slope * jnp.abs(q_pos - k_pos).astype(jnp.float32)
   if p.logit_soft_cap is not None:

@@ -19,12 +19,9 @@ NO_SPILLS = {"xla_gpu_fail_ptx_compilation_on_register_spilling": True}
 # The gmm kernels' GPU programs compile in test_gmm_lowering.py, with spills as errors.
 GPU_SKIPS = {"gmm_f32", "gmm_bf16"}
 
-# Programs that still spill registers (issue 15: flash-attention block sizes per dtype and
-# head dim, the selective-scan backward). Strict: a fix makes these fail until removed.
+# Programs that still spill registers (issue 15: the selective-scan backward). Strict: a
+# fix makes these fail until removed.
 SPILLING = {
-    ("h100", "attention_prefill_mqa_f32", "forward"), ("h100", "attention_prefill_mqa_f32", "gradient"),
-    ("a100", "attention_prefill_mqa_f32", "forward"), ("a100", "attention_prefill_mqa_f32", "gradient"),
-    ("a100", "attention_gqa_bf16", "gradient"), ("a100", "attention_window_softcap_f32", "gradient"),
     ("h100", "selective_scan_f32", "gradient"), ("h100", "selective_scan_bf16_groups", "gradient"),
     ("a100", "selective_scan_f32", "gradient"), ("a100", "selective_scan_bf16_groups", "gradient"),
 }
