@@ -86,20 +86,18 @@ def _backward_kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, bounds_ref, dy_ref, 
                      du_ref, ddelta_ref, da_ref, db_ref, dc_ref, dx0_ref, *, lay: Layout):
   A = a_ref[...]
 
+  def inputs(t):
+    return _row(u_ref, t), _row(delta_ref, t), A, _col(b_ref, t), _col(c_ref, t)
+
   def chunk(i, carry):
     h, da = carry
     k = lay.num_chunks - 1 - i
-    x = bounds_ref[k]
-    steps = []
-    for s in range(lay.chunk):  # recompute the chunk's states, kept in registers
+    states = [bounds_ref[k]]
+    for s in range(lay.chunk - 1):  # recompute the chunk's states, kept in registers
+      states.append(forward_step(states[-1], *inputs(k * lay.chunk + s))[0])
+    for s in reversed(range(lay.chunk)):  # the inputs are read again: fewer live registers
       t = k * lay.chunk + s
-      inputs = (_row(u_ref, t), _row(delta_ref, t), A, _col(b_ref, t), _col(c_ref, t))
-      steps.append((x, inputs))
-      x, _ = forward_step(x, *inputs)
-    for s in reversed(range(lay.chunk)):
-      t = k * lay.chunk + s
-      x_prev, inputs = steps[s]
-      h, du, ddelta, da_s, db, dc = backward_step(h, x_prev, _row(dy_ref, t), *inputs)
+      h, du, ddelta, da_s, db, dc = backward_step(h, states[s], _row(dy_ref, t), *inputs(t))
       du_ref[pl.ds(t, 1), :] = du
       ddelta_ref[pl.ds(t, 1), :] = ddelta
       db_ref[:, pl.ds(t, 1)] = db

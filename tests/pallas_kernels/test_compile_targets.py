@@ -5,7 +5,6 @@ the models use (`jaxlab.aot.kernel_cases`), for single TPU chips (libtpu) and GP
 
 import functools
 
-import jax
 import pytest
 
 from jaxlab.aot.kernel_cases import CASES, PROGRAMS, compile_case
@@ -16,32 +15,14 @@ TARGETS = ("v5e:1x1", "v6e:1x1", "h100", "a100")
 GPUS = ("h100", "a100")
 NO_SPILLS = {"xla_gpu_fail_ptx_compilation_on_register_spilling": True}
 
-# The gmm kernels' GPU programs compile in test_gmm_lowering.py, with spills as errors.
-GPU_SKIPS = {"gmm_f32", "gmm_bf16"}
-
-# Programs that still spill registers (issue 15: the selective-scan backward). Strict: a
-# fix makes these fail until removed.
-SPILLING = {
-    ("h100", "selective_scan_f32", "gradient"), ("h100", "selective_scan_bf16_groups", "gradient"),
-    ("a100", "selective_scan_f32", "gradient"), ("a100", "selective_scan_bf16_groups", "gradient"),
-}
-
 
 @functools.cache
 def target(name: str):
   return get_target(name)
 
 
-def marks(target_name: str, case: str, program: str):
-  if (target_name, case, program) in SPILLING:
-    return [pytest.mark.xfail(raises=jax.errors.JaxRuntimeError, strict=True, reason="spills registers (issue 15)")]
-  return []
-
-
 @pytest.mark.parametrize("target_name, case, program", [
-    pytest.param(t, c, p, marks=marks(t, c, p))
-    for t in TARGETS for c in sorted(CASES) for p in PROGRAMS
-    if not (t in GPUS and c in GPU_SKIPS)])
+    (t, c, p) for t in TARGETS for c in sorted(CASES) for p in PROGRAMS])
 def test_kernels_compile_for_the_target(target_name, case, program):
   options = NO_SPILLS if target_name in GPUS else None
   compiled, _ = compile_case(CASES[case], program, target(target_name), options)
