@@ -117,7 +117,7 @@ def gla(
   GPU kernel on GPU; ``"pallas_interpret"`` the same kernels in interpret mode
   (``interpret_backend``: `pallas_kernels.dispatch`); None chooses per platform at
   lowering time (TPU and GPU kernels, XLA elsewhere). Chunks have ``chunk_size`` steps
-  (fewer for short sequences). Under an active mesh the call runs inside ``shard_map``
+  (fewer for short sequences; on the GPU at most 64, and 16 for fp32 inputs). Under an active mesh the call runs inside ``shard_map``
   with batch split over ``batch_axes`` and heads over ``head_axes``.
   """
   _validate(q, k, v, log_g, scale, initial_state, chunk_size, implementation)

@@ -60,7 +60,6 @@ class _Layout:
   def t_pad(self) -> int:
     return self.size * self.nc
 
-
   @property
   def n_block(self) -> int:
     return min(N_BLOCK, self.n)

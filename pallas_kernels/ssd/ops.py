@@ -153,9 +153,9 @@ def ssd(
   (``interpret_backend``: `pallas_kernels.dispatch`); None chooses per platform at
   lowering time (kernels on TPU and GPU, the XLA path elsewhere). ``chunk_size`` is the
   chunk length L (the kernels round it up to a multiple of 8 on TPU and to a power of
-  two in [16, 64] on GPU); the kernels keep one state per chunk for the backward pass. Under an
-  active mesh the call runs inside ``shard_map`` with the batch split over
-  ``batch_axes`` and heads over ``head_axes``.
+  two in [16, 64] on GPU, at most 32 for fp32 inputs); the kernels keep one state per
+  chunk for the backward pass. Under an active mesh the call runs inside ``shard_map``
+  with the batch split over ``batch_axes`` and heads over ``head_axes``.
   """
   _validate(x, dt, A, B, C, D, initial_state, chunk_size, implementation)
   interpret_backend = resolve_interpret_backend(interpret_backend)
