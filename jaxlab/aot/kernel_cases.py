@@ -116,6 +116,7 @@ CASES = {
     "attention_window_softcap_f32": attention(2048, 2048, (4, 4), 64, F32, sliding_window=512,
                                               logit_soft_cap=30.0),
     "attention_prefill_mqa_f32": attention(512, 2048, (8, 1), 128, F32),
+    "attention_long_bf16_d64": attention(8192, 8192, (8, 8), 64, BF16),
     "selective_scan_f32": mamba_scan(F32, None),
     "selective_scan_bf16_groups": mamba_scan(BF16, 4),
     "ssd_f32": mamba2_ssd(F32),
