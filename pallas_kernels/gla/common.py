@@ -169,7 +169,7 @@ def forward_chunk(q_ref, k_ref, v_ref, g_ref, o_ref, state_t, base, c: int, scal
 
 
 # The gradients of one sub-block of rows from ``start``: ``ins`` = its (q · scale, k, v, g,
-# do) in fp32, ``chunk(ref)`` loads the whole chunk. The states are arrays, or refs read
+# do) in fp32, ``chunk(name)`` loads the whole chunk of q, k, v, g or do. The states are arrays, or refs read
 # where used (fewer live registers in the GPU kernels).
 
 
@@ -179,8 +179,8 @@ def _sub_dq(ins, chunk, start: int, c: int, state_t, mm: TileMatmul) -> jax.Arra
   dq = _diag_dq(k, g, jnp.where(_causal(SUB), mm(do, v, (1, 1)), 0.0)) + mm(do, state_t[...]) * jnp.exp(g)
   if start:  # reference: the sub-block's first row
     ref = _row(g, 0)
-    k_ref_ = chunk(1) * jnp.exp(jnp.minimum(ref - chunk(3), 0.0))
-    da_off = jnp.where(_before(start, c), mm(do, chunk(2), (1, 1)), 0.0)
+    k_ref_ = chunk("k") * jnp.exp(jnp.minimum(ref - chunk("g"), 0.0))
+    da_off = jnp.where(_before(start, c), mm(do, chunk("v"), (1, 1)), 0.0)
     dq = dq + mm(da_off, k_ref_) * jnp.exp(g - ref)
   return dq
 
@@ -191,15 +191,16 @@ def _sub_dk(ins, chunk, start: int, c: int, scale: float, last, dstate_t, mm: Ti
   dk = _diag_dk(q, g, jnp.where(_causal(SUB), mm(do, v, (1, 1)), 0.0)) + mm(v, dstate_t[...]) * jnp.exp(last - g)
   if start + SUB < c:  # reference: the sub-block's last row
     ref = _row(g, SUB - 1)
-    q_ref_ = chunk(0) * scale * jnp.exp(jnp.minimum(chunk(3) - ref, 0.0))
-    da_t = jnp.where(_after(start + SUB, c), mm(v, chunk(4), (1, 1)), 0.0)  # dA_ij: keys j here, queries i later
+    q_ref_ = chunk("q") * scale * jnp.exp(jnp.minimum(chunk("g") - ref, 0.0))
+    da_t = jnp.where(_after(start + SUB, c), mm(v, chunk("do"), (1, 1)), 0.0)  # dA_ij: keys j here, queries i later
     dk = dk + mm(da_t, q_ref_) * jnp.exp(ref - g)
   return dk
 
 
 def _sub_blocks(refs, base, c: int, scale: float):
-  """(rows, ins, chunk) per sub-block of the chunk, for refs (q, k, v, g, do)."""
-  chunk = lambda i: _load(refs[i], base, c)  # noqa: E731  (loaded where used: fewer live values)
+  """(start, rows, ins, chunk) per sub-block of the chunk, for refs (q, k, v, g, do)."""
+  named = dict(zip(("q", "k", "v", "g", "do"), refs))
+  chunk = lambda name: _load(named[name], base, c)  # noqa: E731  (loaded where used: fewer live values)
   for start in range(0, c, SUB):
     q, k, v, g, do = (_load(r, base + start, SUB) for r in refs)
     yield start, pl.ds(base + start, SUB), (q * scale, k, v, g, do), chunk
