@@ -35,7 +35,7 @@ def _kernel(decay_ref, added_ref, initial_ref, entering_ref, final_ref, *, chunk
 
 
 def states_entering_chunks(
-    decay: Float[Array, "b h chunks cols"],
+    decay: Float[Array, "b h chunks #cols"],
     added: Float[Array, "b h chunks rows cols"],
     initial: Float[Array, "b h rows cols"],
     *,

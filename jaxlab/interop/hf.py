@@ -8,6 +8,13 @@ is data in their `Family` row:
 - Qwen2-MoE (``Qwen2MoeForCausalLM``): `load_qwen2_moe` / `export_qwen2_moe`; routed
   experts plus one shared expert under a sigmoid gate, dense layers where
   ``mlp_only_layers`` / ``decoder_sparse_step`` put them (an ``ffns`` pattern).
+- Mamba (``MambaForCausalLM``): `load_mamba` / `export_mamba`; every layer ``mamba``, no FFN.
+- Mamba-2 (``Mamba2ForCausalLM``): `load_mamba2` / `export_mamba2`; every layer ``mamba2``, no FFN.
+
+A `Backbone` is what a group of families shares: the decoder one (``model.embed_tokens``,
+``model.layers.{i}`` with attention and an FFN, ``model.norm``; the three above) and the
+state-space one (``backbone.embeddings``, ``backbone.layers.{i}.norm`` + ``.mixer``,
+``backbone.norm_f``; the two Mamba families), each with its own config.json fields.
 
 Tensor layout: torch ``Linear`` weights are ``[out, in]``; jaxlab kernels are
 ``[in..., out...]`` with heads as their own axis, e.g. ``q_proj.weight [h·d, D]`` is
@@ -24,12 +31,24 @@ Expert weights come in two layouts and both are read (checked against transforme
   ``model.layers.{i}.mlp.gate.weight``, ``...mlp.experts.gate_up_proj [E, 2F, D]`` (gate
   rows first) and ``...mlp.experts.down_proj [E, D, F]``.
 Exports write the per-expert layout, which every transformers version loads.
+
+Mamba tensors (``backbone.layers.{i}.mixer.``; e = expand·hidden, torch ``Conv1d`` weights
+``[channels, 1, K]`` are jaxlab ``[K, channels]``, both cross-correlate over the last K inputs):
+- Mamba: ``in_proj [2e, D]`` rows x then z <-> ``in_proj.kernel [D, 2, e]``; ``conv1d`` over x;
+  ``x_proj [r + 2N, e]`` (Δ_low, B, C) <-> ``x_proj.kernel``; ``dt_proj.weight [e, r]`` <->
+  ``dt_proj [r, e]`` and ``dt_proj.bias`` <-> ``dt_bias``; ``A_log [e, N]``, ``D [e]`` as they are.
+- Mamba-2: ``in_proj [2e + 2GN + H, D]`` rows z, x, B, C, Δ <-> ``in_xz [D, 2, e]`` (x first),
+  ``in_bc [D, 2GN]`` and ``in_dt [D, H]``; ``conv1d [e + 2GN, 1, K]`` over x, B, C <-> ``conv_x`` and
+  ``conv_bc``; ``dt_bias``, ``A_log``, ``D`` ``[H]``; the gated norm ``norm.weight [e]`` <->
+  ``norm_scale`` (RMS over G groups of e/G, ``norm_before_gate=False``: jaxlab's `gated_rms_norm`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -141,35 +160,125 @@ def _moe(config: ModelConfig, family: Family, pre: tuple, hf: str, layout: str) 
   return entries
 
 
-def parameter_mapping(config: ModelConfig, family: Family | None = None, layout: str = "per_expert") -> Mapping:
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How one checkpoint stores what its ModelConfig does not say: the expert tensors
+  (``experts``: "per_expert" | "fused") and whether the SSM convolutions have biases
+  (``conv_bias``, transformers' ``use_conv_bias``; jaxlab's always have one, zeros where
+  the checkpoint has none). Exports write the default."""
+
+  experts: str = "per_expert"
+  conv_bias: bool = True
+
+
+def _decoder_layer(config: ModelConfig, family: Family, i: int, pre: tuple, hf: str, layout: Layout) -> Mapping:
+  """``model.layers.{i}``: two norms, attention and an MLP or MoE FFN."""
+  entries = [_one((*pre, "mixer_norm", "scale"), hf + "input_layernorm.weight"),
+             _one((*pre, "ffn_norm", "scale"), hf + "post_attention_layernorm.weight")]
+  entries += _attention(config, family, pre, hf)
+  if config.ffn_of(i) == "moe":
+    return entries + _moe(config, family, pre, hf, layout.experts)
+  return entries + _mlp((*pre, "ffn"), hf + "mlp.", config.d_model, config.mlp_dim, config.mlp_bias)
+
+
+def _conv(paths: tuple[tuple, ...], widths: tuple[int, ...], hf: str, layout: Layout) -> Mapping:
+  """One torch depthwise ``Conv1d`` (``{hf}weight [sum(widths), 1, K]``, ``{hf}bias``) <->
+  the jaxlab `CausalConv`s at ``paths`` over consecutive channel ranges of ``widths``."""
+  cuts = list(np.cumsum(widths)[:-1])
+  kernels, biases = tuple((*p, "kernel") for p in paths), tuple((*p, "bias") for p in paths)
+  entries = [Entry(kernels, (hf + "weight",), lambda ws: jnp.split(ws[0][:, 0, :].T, cuts, axis=1),
+                   lambda ks: [jnp.concatenate(ks, axis=1).T[:, None, :]])]
+  if not layout.conv_bias:
+    return entries + [Entry(biases, ())]
+  return entries + [Entry(biases, (hf + "bias",), lambda ws: jnp.split(ws[0], cuts), lambda ks: [jnp.concatenate(ks)])]
+
+
+def _mamba(config: ModelConfig, pre: tuple, hf: str, layout: Layout) -> Mapping:
+  """transformers' ``MambaMixer`` <-> jaxlab `Mamba` (the module docstring's table)."""
+  d, e, n, r = config.d_model, config.ssm_inner, config.state_size("mamba"), config.dt_rank
+  entries = [_one((*pre, "in_proj", "kernel"), hf + "in_proj.weight", _linear((2, e), (d,))),
+             *_conv(((*pre, "conv"),), (e,), hf + "conv1d.", layout),
+             _one((*pre, "x_proj", "kernel"), hf + "x_proj.weight", _linear((r + 2 * n,), (e,))),
+             _one((*pre, "dt_proj"), hf + "dt_proj.weight", _linear((e,), (r,))),
+             _one((*pre, "dt_bias"), hf + "dt_proj.bias"),
+             _one((*pre, "A_log"), hf + "A_log"),
+             _one((*pre, "D"), hf + "D"),
+             _one((*pre, "out_proj", "kernel"), hf + "out_proj.weight", _linear((d,), (e,)))]
+  if config.ssm_bias:
+    entries += [_one((*pre, "in_proj", "bias"), hf + "in_proj.bias", _vector((2, e))),
+                _one((*pre, "out_proj", "bias"), hf + "out_proj.bias")]
+  return entries
+
+
+def _mamba2_in_proj(pre: tuple, hf_name: str, param: str, e: int, bc: int) -> Entry:
+  """``in_proj.weight [2e + bc + H, D]`` (or its bias), rows z, x, B·C, Δ <-> jaxlab
+  ``in_xz`` (x and z stacked, x first), ``in_bc`` and ``in_dt``."""
+  out_last = (lambda w: w.T) if param == "kernel" else (lambda b: b)  # noqa: E731
+
+  def to_jax(ws):
+    z, x, b_c, dt = jnp.split(out_last(ws[0]), [e, 2 * e, 2 * e + bc], axis=-1)
+    return [jnp.stack([x, z], axis=-2), b_c, dt]
+
+  def to_hf(ks):
+    xz, b_c, dt = ks
+    return [out_last(jnp.concatenate([xz[..., 1, :], xz[..., 0, :], b_c, dt], axis=-1))]
+
+  return Entry(tuple((*pre, name, param) for name in ("in_xz", "in_bc", "in_dt")), (hf_name,), to_jax, to_hf)
+
+
+def _mamba2(config: ModelConfig, pre: tuple, hf: str, layout: Layout) -> Mapping:
+  """transformers' ``Mamba2Mixer`` <-> jaxlab `Mamba2` (the module docstring's table)."""
+  d, e = config.d_model, config.ssm_inner
+  bc = 2 * config.ssm_groups * config.state_size("mamba2")
+  entries = [_mamba2_in_proj(pre, hf + "in_proj.weight", "kernel", e, bc),
+             *_conv(((*pre, "conv_x"), (*pre, "conv_bc")), (e, bc), hf + "conv1d.", layout),
+             *[_one((*pre, name), hf + name) for name in ("dt_bias", "A_log", "D")],
+             _one((*pre, "norm_scale"), hf + "norm.weight"),
+             _one((*pre, "out_proj", "kernel"), hf + "out_proj.weight", _linear((d,), (e,)))]
+  if config.ssm_bias:
+    entries += [_mamba2_in_proj(pre, hf + "in_proj.bias", "bias", e, bc),
+                _one((*pre, "out_proj", "bias"), hf + "out_proj.bias")]
+  return entries
+
+
+_SSM_MIXERS = {"mamba": _mamba, "mamba2": _mamba2}
+
+
+def _ssm_layer(config: ModelConfig, family: Family, i: int, pre: tuple, hf: str, layout: Layout) -> Mapping:
+  """``backbone.layers.{i}``: one norm and the mixer; no FFN."""
+  mixer = _SSM_MIXERS[family.mixer](config, (*pre, "mixer"), hf + "mixer.", layout)
+  return [_one((*pre, "mixer_norm", "scale"), hf + "norm.weight"), *mixer]
+
+
+def parameter_mapping(config: ModelConfig, family: Family | None = None,
+                      layout: Layout | str = Layout()) -> Mapping:
   """Every jaxlab parameter of ``config`` against the tensors of ``family``'s checkpoints
-  (Llama by default); ``layout`` ("per_expert" | "fused") names the expert tensors."""
+  (Llama by default) stored as ``layout`` says (a string: the expert layout, "per_expert" |
+  "fused")."""
   family = family or LLAMA
-  d = config.d_model
-  entries: Mapping = [_one(("embed", "table"), "model.embed_tokens.weight")]
+  layout = Layout(experts=layout) if isinstance(layout, str) else layout
+  names = family.backbone
+  entries: Mapping = [_one(("embed", "table"), names.prefix + names.embeddings + ".weight")]
   for i in range(config.num_layers):
-    pre, hf = ("blocks", i), f"model.layers.{i}."
-    entries.append(_one((*pre, "mixer_norm", "scale"), hf + "input_layernorm.weight"))
-    entries.append(_one((*pre, "ffn_norm", "scale"), hf + "post_attention_layernorm.weight"))
-    entries += _attention(config, family, pre, hf)
-    if config.ffn_of(i) == "moe":
-      entries += _moe(config, family, pre, hf, layout)
-    else:
-      entries += _mlp((*pre, "ffn"), hf + "mlp.", d, config.mlp_dim, config.mlp_bias)
-  entries.append(_one(("final_norm", "scale"), "model.norm.weight"))
+    entries += names.layer(config, family, i, ("blocks", i), f"{names.prefix}layers.{i}.", layout)
+  entries.append(_one(("final_norm", "scale"), names.prefix + names.final_norm + ".weight"))
   if not config.tie_embeddings:
-    entries.append(_one(("lm_head", "kernel"), "lm_head.weight", _linear((config.vocab_size,), (d,))))
+    entries.append(_one(("lm_head", "kernel"), "lm_head.weight", _linear((config.vocab_size,), (config.d_model,))))
   return entries
 
 
 # ---- config.json ------------------------------------------------------------------------
-def _base_config(hf: dict[str, Any], family: Family) -> dict[str, Any]:
-  """The ModelConfig fields every family reads the same way."""
+def _check_type(hf: dict[str, Any], family: Family) -> None:
   if hf.get("model_type") != family.model_type:
     raise ValueError(f"config.json has model_type={hf.get('model_type')!r}; {family.loader} reads only "
                      f"{family.model_type!r}.")
   if hf.get("hidden_act", "silu") != "silu":
     raise ValueError(f"config.json hidden_act={hf['hidden_act']!r}; {family.name} uses 'silu'.")
+
+
+def _decoder_config(hf: dict[str, Any], family: Family) -> dict[str, Any]:
+  """The ModelConfig fields every attention + FFN family reads the same way."""
+  _check_type(hf, family)
   rope = hf.get("rope_parameters") or {}
   scaling = hf.get("rope_scaling") or {}
   rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
@@ -194,7 +303,7 @@ def _base_config(hf: dict[str, Any], family: Family) -> dict[str, Any]:
   )
 
 
-def _base_hf(config: ModelConfig, family: Family) -> dict[str, Any]:
+def _decoder_hf(config: ModelConfig, family: Family) -> dict[str, Any]:
   return {
       "architectures": [family.architecture],
       "model_type": family.model_type,
@@ -215,7 +324,7 @@ def _base_hf(config: ModelConfig, family: Family) -> dict[str, Any]:
   }
 
 
-def _base_problems(config: ModelConfig, family: Family) -> list[str]:
+def _decoder_problems(config: ModelConfig, family: Family) -> list[str]:
   want = {"norm": "rmsnorm", "mlp_activation": "swiglu", "positional": "rope", "rope_scaling": None,
           "logit_soft_cap": None, "attention_gate": None, "block_experts": 0}
   if not family.sliding_window:
@@ -230,7 +339,7 @@ def _base_problems(config: ModelConfig, family: Family) -> list[str]:
       family.moe_block and "moe" not in config.ffns):
     problems.append(f"mixers={config.mixers}, ffns={config.ffns} ({family.name} needs attention and "
                     f"{' and '.join(family.ffns)})")
-  return problems
+  return problems + _moe_problems(config, family)
 
 
 def _moe_fields(hf: dict[str, Any], num_experts: int, renormalize: bool) -> dict[str, Any]:
@@ -360,53 +469,207 @@ def _qwen2_moe_problems(config: ModelConfig) -> list[str]:
           "(Qwen2-MoE has a shared expert under a sigmoid gate in every MoE layer)"]
 
 
+# transformers 5.x's MambaConfig / Mamba2Config defaults: what a config.json that omits a field means.
+_SSM_DEFAULTS = {
+    "mamba": dict(vocab_size=50280, hidden_size=768, num_hidden_layers=32, state_size=16, expand=2, conv_kernel=4,
+                  layer_norm_epsilon=1e-5, use_bias=False, use_conv_bias=True, residual_in_fp32=True,
+                  time_step_rank="auto", time_step_min=0.001, time_step_max=0.1, initializer_range=0.1,
+                  tie_word_embeddings=True),
+    "mamba2": dict(vocab_size=32768, hidden_size=4096, num_hidden_layers=64, state_size=128, expand=2, conv_kernel=4,
+                   layer_norm_epsilon=1e-5, use_bias=False, use_conv_bias=True, residual_in_fp32=True,
+                   time_step_min=0.001, time_step_max=0.1, initializer_range=0.1, tie_word_embeddings=False,
+                   num_heads=128, head_dim=64, n_groups=8, chunk_size=256, time_step_limit=(0.0, math.inf)),
+}
+
+
+def _ssm_get(hf: dict[str, Any], model_type: str, key: str) -> Any:
+  return hf.get(key, _SSM_DEFAULTS[model_type][key])
+
+
+def _ssm_config(hf: dict[str, Any], family: Family) -> dict[str, Any]:
+  """The ModelConfig fields both Mamba families read the same way: every layer the family's
+  mixer and no FFN; ``layer_norm_epsilon`` is every RMSNorm's eps (Mamba-2's gated one too).
+  ``residual_in_fp32`` is not read: jaxlab's residual stream has the parameters' dtype, the
+  same in fp32."""
+  _check_type(hf, family)
+  get = functools.partial(_ssm_get, hf, family.model_type)
+  expand = get("expand")
+  if expand != int(expand) or expand < 1:
+    raise ValueError(f"config.json expand={expand!r}; jaxlab's inner width is model.ssm_expand x d_model with a "
+                     f"whole ssm_expand, so {family.loader} needs an integer expand >= 1.")
+  return dict(
+      vocab_size=get("vocab_size"), d_model=get("hidden_size"), num_layers=get("num_hidden_layers"),
+      mixers=(family.mixer,), ffns=("none",),
+      positional="none", num_heads=1,  # unused without attention; 1 divides every d_model
+      norm="rmsnorm", norm_eps=float(get("layer_norm_epsilon")),
+      ssm_state=get("state_size"), ssm_expand=int(expand), ssm_conv=get("conv_kernel"), ssm_bias=bool(get("use_bias")),
+      ssm_dt_min=float(get("time_step_min")), ssm_dt_max=float(get("time_step_max")),
+      tie_embeddings=bool(get("tie_word_embeddings")), init_std=float(get("initializer_range")),
+  )
+
+
+def _ssm_hf(config: ModelConfig, family: Family) -> dict[str, Any]:
+  return {
+      "architectures": [family.architecture],
+      "model_type": family.model_type,
+      "vocab_size": config.vocab_size,
+      "hidden_size": config.d_model,
+      "num_hidden_layers": config.num_layers,
+      "state_size": config.state_size(family.mixer),
+      "expand": config.ssm_expand,
+      "conv_kernel": config.ssm_conv,
+      "use_bias": config.ssm_bias,
+      "use_conv_bias": True,
+      "hidden_act": "silu",
+      "layer_norm_epsilon": config.norm_eps,
+      "residual_in_fp32": True,
+      "time_step_min": config.ssm_dt_min,
+      "time_step_max": config.ssm_dt_max,
+      "tie_word_embeddings": config.tie_embeddings,
+      "initializer_range": config.init_std,
+      "torch_dtype": "float32",
+  }
+
+
+def _ssm_problems(config: ModelConfig, family: Family) -> list[str]:
+  want = {"norm": "rmsnorm", "block_experts": 0}
+  problems = [f"model.{name}={getattr(config, name)!r} ({family.name} needs {value!r})"
+              for name, value in want.items() if getattr(config, name) != value]
+  if config.positional == "learned":
+    problems.append(f"model.positional='learned' ({family.name} has no position embeddings: use 'none')")
+  if set(config.mixers) != {family.mixer} or set(config.ffns) != set(family.ffns):
+    problems.append(f"mixers={config.mixers}, ffns={config.ffns} ({family.name} needs every mixer "
+                    f"{family.mixer!r} and ffns={family.ffns}: its blocks have no FFN)")
+  return problems
+
+
+def _mamba_fields(hf: dict[str, Any]) -> dict[str, Any]:
+  rank = _ssm_get(hf, "mamba", "time_step_rank")
+  return dict(ssm_dt_rank=-(-_ssm_get(hf, "mamba", "hidden_size") // 16) if rank == "auto" else int(rank))
+
+
+def _mamba_hf(config: ModelConfig) -> dict[str, Any]:
+  return {"time_step_rank": config.dt_rank, "intermediate_size": config.ssm_inner}
+
+
+def _mamba_problems(config: ModelConfig) -> list[str]:
+  return [] if config.polarization is None else [
+      f"model.polarization={config.polarization!r} (Mamba has no fixed A = 0 / A = -inf states: None)"]
+
+
+def _mamba2_fields(hf: dict[str, Any]) -> dict[str, Any]:
+  get = functools.partial(_ssm_get, hf, "mamba2")
+  heads, head_dim, groups = get("num_heads"), get("head_dim"), get("n_groups")
+  inner = get("expand") * get("hidden_size")
+  if heads * head_dim != inner:
+    raise ValueError(f"config.json num_heads={heads} x head_dim={head_dim} is not expand x hidden_size = {inner}; "
+                     "jaxlab's mamba2 has ssm_expand x d_model / ssm_head_dim heads, so the widths must agree.")
+  if heads % groups:
+    raise ValueError(f"config.json n_groups={groups} does not divide num_heads={heads}; each group of B and C "
+                     "serves num_heads / n_groups heads.")
+  low, high = (float(v) for v in get("time_step_limit"))
+  if low > 0 or high != math.inf:
+    raise ValueError(
+        f"config.json time_step_limit={[low, high]}; transformers clamps Δ to it (when it scans a sequence, "
+        "not when it decodes a token), jaxlab's mamba2 does not clamp, so load_mamba2 reads only limits that "
+        "clamp nothing: [0.0, inf] (the default).")
+  return dict(ssm_head_dim=head_dim, ssm_groups=groups, ssm_chunk=get("chunk_size"))
+
+
+def _mamba2_hf(config: ModelConfig) -> dict[str, Any]:
+  # time_step_limit is left at transformers' default, (0, inf): no clamp, as in jaxlab
+  return {"num_heads": config.ssm_heads, "head_dim": config.ssm_head_dim, "n_groups": config.ssm_groups,
+          "chunk_size": config.ssm_chunk}
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+  """What a group of families shares: the tensor names around the layers, one layer's
+  entries, and the config.json fields its members read and write the same way."""
+
+  prefix: str  # of the embeddings, the layers and the final norm
+  embeddings: str
+  final_norm: str
+  layer: Callable[..., Mapping]  # (config, family, i, jaxlab path, HF prefix, Layout) -> layer i's entries
+  fields: Callable[[dict[str, Any], Family], dict[str, Any]]  # config.json -> shared ModelConfig fields
+  hf_fields: Callable[[ModelConfig, Family], dict[str, Any]]  # ModelConfig -> shared config.json fields
+  problems: Callable[[ModelConfig, Family], list[str]]  # why a ModelConfig cannot be exported
+  renames: tuple[tuple[str, str], ...] = ()  # (old, new) tensor-name prefixes transformers also reads
+
+
+DECODER = Backbone("model.", "embed_tokens", "norm", _decoder_layer, _decoder_config, _decoder_hf, _decoder_problems)
+SSM = Backbone("backbone.", "embeddings", "norm_f", _ssm_layer, _ssm_config, _ssm_hf, _ssm_problems,
+               renames=(("backbone.embedding.", "backbone.embeddings."),))
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
-  """What one Hugging Face architecture adds to the shared mapping."""
+  """What one Hugging Face architecture adds to its backbone's shared mapping."""
 
   name: str
   model_type: str
   architecture: str
-  default_theta: float  # transformers' RoPE base when config.json names none
-  attention_biases: tuple[str, ...]  # projections with a bias when attention_bias (others: jaxlab zeros)
-  ffns: tuple[str, ...]  # FFN kinds the architecture has
-  sliding_window: bool  # whether a uniform sliding window maps
-  renormalize: bool | None  # the top-k gates must (not) be renormalized; None: a config field says
-  moe_block: str  # HF module of a per-expert MoE layer ("" without MoE)
-  expert_names: tuple[str, str, str]  # per-expert HF names of gate, up, down
   fields: Callable[[dict[str, Any]], dict[str, Any]]  # config.json -> family ModelConfig fields
   hf_fields: Callable[[ModelConfig], dict[str, Any]]  # ModelConfig -> family config.json fields
   problems: Callable[[ModelConfig], list[str]]  # why a ModelConfig cannot be exported
+  backbone: Backbone = DECODER
+  mixer: str = "attention"  # every layer's jaxlab mixer
+  ffns: tuple[str, ...] = ("mlp",)  # FFN kinds the architecture has
+  # attention + FFN families
+  default_theta: float = 10_000.0  # transformers' RoPE base when config.json names none
+  attention_biases: tuple[str, ...] = ()  # projections with a bias when attention_bias (others: jaxlab zeros)
+  sliding_window: bool = False  # whether a uniform sliding window maps
+  renormalize: bool | None = None  # the top-k gates must (not) be renormalized; None: a config field says
+  moe_block: str = ""  # HF module of a per-expert MoE layer ("" without MoE)
+  expert_names: tuple[str, str, str] = ("", "", "")  # per-expert HF names of gate, up, down
 
   @property
   def loader(self) -> str:
     return f"load_{self.model_type}"
 
 
-LLAMA = Family("Llama", "llama", "LlamaForCausalLM", 10_000.0, ("q", "k", "v", "o"), ("mlp",), False, None,
-               "", ("", "", ""), _llama_fields, _llama_hf, lambda config: [])
-MIXTRAL = Family("Mixtral", "mixtral", "MixtralForCausalLM", 1_000_000.0, (), ("moe",), True, True,
-                 "block_sparse_moe", ("w1", "w3", "w2"), _mixtral_fields, _mixtral_hf, _mixtral_problems)
-QWEN2_MOE = Family("Qwen2-MoE", "qwen2_moe", "Qwen2MoeForCausalLM", 10_000.0, ("q", "k", "v"), ("mlp", "moe"),
-                   True, None, "mlp", ("gate_proj", "up_proj", "down_proj"), _qwen2_moe_fields, _qwen2_moe_hf,
-                   _qwen2_moe_problems)
-FAMILIES = {f.model_type: f for f in (LLAMA, MIXTRAL, QWEN2_MOE)}
+_NO_PROBLEMS = lambda config: []  # noqa: E731
+LLAMA = Family("Llama", "llama", "LlamaForCausalLM", _llama_fields, _llama_hf, _NO_PROBLEMS,
+               attention_biases=("q", "k", "v", "o"))
+MIXTRAL = Family("Mixtral", "mixtral", "MixtralForCausalLM", _mixtral_fields, _mixtral_hf, _mixtral_problems,
+                 ffns=("moe",), default_theta=1_000_000.0, sliding_window=True, renormalize=True,
+                 moe_block="block_sparse_moe", expert_names=("w1", "w3", "w2"))
+QWEN2_MOE = Family("Qwen2-MoE", "qwen2_moe", "Qwen2MoeForCausalLM", _qwen2_moe_fields, _qwen2_moe_hf,
+                   _qwen2_moe_problems, ffns=("mlp", "moe"), attention_biases=("q", "k", "v"), sliding_window=True,
+                   moe_block="mlp", expert_names=("gate_proj", "up_proj", "down_proj"))
+MAMBA = Family("Mamba", "mamba", "MambaForCausalLM", _mamba_fields, _mamba_hf, _mamba_problems, backbone=SSM,
+               mixer="mamba", ffns=("none",))
+MAMBA2 = Family("Mamba-2", "mamba2", "Mamba2ForCausalLM", _mamba2_fields, _mamba2_hf, _NO_PROBLEMS, backbone=SSM,
+                mixer="mamba2", ffns=("none",))
+FAMILIES = {f.model_type: f for f in (LLAMA, MIXTRAL, QWEN2_MOE, MAMBA, MAMBA2)}
+
+
+def _decode_floats(value: Any) -> Any:
+  """transformers >= 5 writes inf and nan into config.json as ``{"__float__": "Infinity"}``."""
+  if isinstance(value, dict):
+    if set(value) == {"__float__"} and isinstance(value["__float__"], str):
+      return float(value["__float__"])
+    return {k: _decode_floats(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return [_decode_floats(v) for v in value]
+  return value
 
 
 def config_from_hf(hf: dict[str, Any], family: Family | None = None) -> ModelConfig:
   """The ModelConfig of a ``config.json`` of ``family`` (Llama by default); other
   architectures, and settings jaxlab cannot express, are refused naming the field."""
   family = family or LLAMA
-  return ModelConfig(**_base_config(hf, family), **family.fields(hf))
+  hf = _decode_floats(hf)
+  return ModelConfig(**family.backbone.fields(hf, family), **family.fields(hf))
 
 
 def config_to_hf(config: ModelConfig, family: Family | None = None) -> dict[str, Any]:
   """A ``config.json`` of ``family`` (Llama by default) for a config of that architecture."""
   family = family or LLAMA
-  problems = _base_problems(config, family) + _moe_problems(config, family) + family.problems(config)
+  problems = family.backbone.problems(config, family) + family.problems(config)
   if problems:
     raise ValueError(f"this model is not a {family.name} and cannot be exported: " + "; ".join(problems))
-  return {**_base_hf(config, family), **family.hf_fields(config)}
+  return {**family.backbone.hf_fields(config, family), **family.hf_fields(config)}
 
 
 # ---- safetensors files ------------------------------------------------------------------
@@ -478,9 +741,13 @@ def _named(paths: tuple[tuple, ...]) -> str:
 
 def _load(path: str | Path, family: Family, dtype) -> tuple[Transformer, ModelConfig]:
   path = Path(path)
-  config = config_from_hf(json.loads((path / "config.json").read_text()), family)
+  hf_config = json.loads((path / "config.json").read_text())
+  config = config_from_hf(hf_config, family)
   tensors = _read_tensors(path)
-  layout = "fused" if any(k.endswith(".experts.gate_up_proj") for k in tensors) else "per_expert"
+  for old, new in family.backbone.renames:
+    tensors = {new + k[len(old):] if k.startswith(old) else k: v for k, v in tensors.items()}
+  layout = Layout("fused" if any(k.endswith(".experts.gate_up_proj") for k in tensors) else "per_expert",
+                  conv_bias=bool(hf_config.get("use_conv_bias", True)))
   model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(model)
   used, covered = set(), set()
@@ -596,3 +863,39 @@ def export_qwen2_moe(model: Transformer, config: ModelConfig, path: str | Path, 
   Needs ``moe`` and ``mlp`` layers only, softmax top-k routing, a gated shared expert,
   and, with ``attention_bias``, a zero o-projection bias (Qwen2 has none)."""
   _export(model, config, path, QWEN2_MOE, dtype, max_shard_size)
+
+
+def load_mamba(path: str | Path, dtype=jnp.float32) -> tuple[Transformer, ModelConfig]:
+  """Reads a Hugging Face Mamba checkpoint into a jaxlab Transformer with every layer
+  ``mamba`` and ``ffns=("none",)`` (a Mamba block is ``x + mixer(norm(x))``). Fields that
+  config.json omits take transformers' MambaConfig defaults (tied embeddings among them).
+  ``use_conv_bias=False`` loads zero convolution biases (exact; exports then write
+  ``use_conv_bias=True``); ``use_bias`` is ``model.ssm_bias``. Initialization-only settings
+  (``time_step_scale``, ``time_step_floor``, ``time_step_init_scheme``,
+  ``rescale_prenorm_residual``) are not kept; ``residual_in_fp32`` matters only below fp32
+  (jaxlab's residual stream has ``dtype``)."""
+  return _load(path, MAMBA, dtype)
+
+
+def export_mamba(model: Transformer, config: ModelConfig, path: str | Path, dtype=jnp.float32,
+                 max_shard_size: int | str | None = None) -> None:
+  """Writes a checkpoint that transformers' MambaForCausalLM loads. Needs every layer
+  ``mamba`` without polarization, ``ffns=("none",)``, RMSNorm and no learned positions."""
+  _export(model, config, path, MAMBA, dtype, max_shard_size)
+
+
+def load_mamba2(path: str | Path, dtype=jnp.float32) -> tuple[Transformer, ModelConfig]:
+  """Reads a Hugging Face Mamba-2 checkpoint into a jaxlab Transformer with every layer
+  ``mamba2`` and ``ffns=("none",)``: ``n_groups`` is ``ssm_groups`` (for B and C and for the
+  gated norm's groups), ``head_dim`` is ``ssm_head_dim`` (``num_heads`` must be expand x
+  hidden_size / head_dim), ``chunk_size`` is ``ssm_chunk``. Omitted fields take Mamba2Config's
+  defaults. A ``time_step_limit`` that clamps Δ is refused (jaxlab does not clamp);
+  ``time_step_rank`` is unused by Mamba-2. Biases and the rest as in `load_mamba`."""
+  return _load(path, MAMBA2, dtype)
+
+
+def export_mamba2(model: Transformer, config: ModelConfig, path: str | Path, dtype=jnp.float32,
+                  max_shard_size: int | str | None = None) -> None:
+  """Writes a checkpoint that transformers' Mamba2ForCausalLM loads. Needs every layer
+  ``mamba2``, ``ffns=("none",)``, RMSNorm and no learned positions."""
+  _export(model, config, path, MAMBA2, dtype, max_shard_size)

@@ -65,8 +65,12 @@ class ModelConfig:
   ssm_head_dim: int = 64  # mamba2 head width P
   ssm_groups: int = 1  # mamba2 groups of heads sharing B and C
   ssm_chunk: int = 64  # chunk length of the chunked scans of mamba2 and gla
+  ssm_bias: bool = False  # mamba, mamba2: biases on the input and output projections (transformers' use_bias)
   ssm_impl: str = "auto"  # auto | sequential | associative (mamba only) | xla | pallas | pallas_interpret
-  polarization: str | None = None  # mamba: None | both | one (A = 0 state) | zero (A = -inf state)
+  polarization: str | None = None  # mamba: None | both | one (A = 0 state) | zero (forgetting state)
+  # A of the forgetting state: -100 as SSM-Bottleneck's code (Ā = exp(-100 Δ): 0.90 at Δ = 1e-3);
+  # None for A = -inf (Ā = 0: only the current input, no scan)
+  polarization_zero_A: float | None = -100.0
   s4d_init: str = "lin"  # S4D-Lin | S4D-Inv | S4D-Real
   # gated linear attention (Yang et al. 2024, fla's GatedLinearAttention layer)
   gla_heads: int | None = None  # None: num_heads
@@ -184,6 +188,9 @@ class ModelConfig:
     if self.polarization is not None and "mamba" not in mixers:
       raise ValueError(f"model.polarization={self.polarization!r} applies to 'mamba' mixers; model.mixers="
                        f"{self.mixers} has none.")
+    if self.polarization_zero_A is not None and not self.polarization_zero_A < 0:
+      raise ValueError(f"model.polarization_zero_A={self.polarization_zero_A} must be negative (the official "
+                       "-100.0), or None for A = -inf.")
     if self.ssm_impl == "associative" and mixers & {"mamba2", "gla"}:
       raise ValueError("model.ssm_impl='associative' exists for 'mamba' only; use 'xla' (chunked) for "
                        "mamba2 and gla.")
@@ -362,5 +369,5 @@ def _check_positive(config: ModelConfig, *names: str) -> None:
     checks.positive_int(f"model.{name}", getattr(config, name))
 
 
-def _check_choice(config: ModelConfig, name: str, choices: tuple[str, ...]) -> None:
+def _check_choice(config: ModelConfig, name: str, choices: tuple[str | None, ...]) -> None:
   checks.choice(f"model.{name}", getattr(config, name), choices)

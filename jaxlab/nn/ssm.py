@@ -58,18 +58,21 @@ class Mamba(nnx.Module):
 
   Polarization (Wang et al. 2025, SSM-Bottleneck's ``PolarizedMamba``): every channel
   gets, besides its N learned states, one state with A = 0 (never forgets: the exact
-  running sum of Δ B x) and/or one with A = -inf (forgets at once: only Δ_t B_t x_t),
-  with input-dependent B and C like the others, fixed and not learned. The A = -inf
-  state needs no scan: it adds ``C_t B_t Δ_t x_t`` to the output.
+  running sum of Δ B x) and/or one forgetting state with ``A = polarization_zero_A``
+  (the official -100, scanned with the others) or A = -inf (forgets at once: only
+  Δ_t B_t x_t; it needs no scan and adds ``C_t B_t Δ_t x_t`` to the output), with
+  input-dependent B and C like the others, fixed and not learned.
   """
 
   def __init__(self, config: ModelConfig, *, layer: int, rngs: nnx.Rngs):
     del layer
     d, e, n, r = config.d_model, config.ssm_inner, config.state_size("mamba"), config.dt_rank
     self.ones, self.zeros = POLAR_STATES[config.polarization]
+    self.zero_A = config.polarization_zero_A  # None: A = -inf, outside the scan
     self.config = config
     dense = dict(init_std=config.init_std, rngs=rngs)
-    self.in_proj = Linear((d,), (2, e), ("embed",), (None, "mlp"), **dense)
+    biased = dict(dense, use_bias=config.ssm_bias)
+    self.in_proj = Linear((d,), (2, e), ("embed",), (None, "mlp"), **biased)
     self.conv = CausalConv(e, config.ssm_conv, "mlp", rngs=rngs)
     self.x_proj = Linear((e,), (r + 2 * (n + self.ones + self.zeros),), ("mlp",), (None,), **dense)
     bound = r**-0.5
@@ -79,18 +82,26 @@ class Mamba(nnx.Module):
     a_log = jnp.log(jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.float32), (e, n)))
     self.A_log = logical_param(a_log, ("mlp", "state"))
     self.D = logical_param(jnp.ones((e,), jnp.float32), ("mlp",))
-    self.out_proj = Linear((e,), (d,), ("mlp",), ("embed",), **dense)
+    self.out_proj = Linear((e,), (d,), ("mlp",), ("embed",), **biased)
 
   @property
   def scan_states(self) -> int:
-    """States that go through the scan: the learned N plus the A = 0 state."""
-    return self.A_log.shape[1] + self.ones
+    """States that go through the scan: the learned N, the A = 0 state and a finite
+    forgetting state."""
+    return self.A_log.shape[1] + self.ones + (self.zeros if self.zero_A is not None else 0)
+
+  @property
+  def skipped_zero_state(self) -> bool:
+    """Whether the A = -inf state is added outside the scan."""
+    return bool(self.zeros) and self.zero_A is None
 
   def A(self) -> Float[Array, "e m"]:
-    """The scan's transition: ``[0 (A = 0 state),] -exp(A_log)``."""
+    """The scan's transition: ``[0 (A = 0 state),] -exp(A_log)[, polarization_zero_A]``."""
     a = -jnp.exp(self.A_log[...].astype(jnp.float32))
     if self.ones:
       a = jnp.concatenate([jnp.zeros((a.shape[0], self.ones), jnp.float32), a], axis=1)
+    if self.zeros and self.zero_A is not None:
+      a = jnp.concatenate([a, jnp.full((a.shape[0], self.zeros), self.zero_A, jnp.float32)], axis=1)
     return a
 
   def ssm_inputs(self, u: Float[Array, "b t d"], conv_prefix=None):
@@ -99,22 +110,22 @@ class Mamba(nnx.Module):
     xz = self.in_proj(u)
     x, prefix = self.conv(xz[..., 0, :], conv_prefix)
     x = shard(jax.nn.silu(x), ("batch", "length", "mlp"))
-    r, m = self.dt_proj.shape[0], self.scan_states + self.zeros
+    r, m = self.dt_proj.shape[0], self.scan_states + self.skipped_zero_state
     dt_low, B, C = jnp.split(self.x_proj(x), [r, r + m], axis=-1)
     delta = jnp.einsum("btr,re->bte", dt_low, self.dt_proj[...].astype(dt_low.dtype))
     return x, xz[..., 1, :], delta, B, C, prefix
 
   def ssm(self, x, z, delta, B, C, initial_state, implementation):
-    """The selective scan over the learned (and A = 0) states, plus the A = -inf state;
-    Δ = softplus(delta + dt_bias) is computed once for both."""
+    """The selective scan over the learned and fixed states, plus the A = -inf state when
+    it is skipped; Δ = softplus(delta + dt_bias) is computed once for both."""
     m = self.scan_states
     dt = jax.nn.softplus(delta.astype(jnp.float32) + self.dt_bias[...][None, None])
     y, state = selective_scan(
-        x, dt, self.A(), B[..., :m], C[..., :m], D=self.D[...], z=None if self.zeros else z,
+        x, dt, self.A(), B[..., :m], C[..., :m], D=self.D[...], z=None if self.skipped_zero_state else z,
         initial_state=initial_state, return_final_state=True, implementation=implementation,
         batch_axes=mesh_axes_of("batch"), channel_axes=mesh_axes_of("mlp"),
     )
-    if self.zeros:
+    if self.skipped_zero_state:
       current = (B[..., m] * C[..., m]).astype(jnp.float32)[..., None] * dt * x.astype(jnp.float32)
       y = ((y.astype(jnp.float32) + current) * jax.nn.silu(z.astype(jnp.float32))).astype(x.dtype)
     return y, state
@@ -159,7 +170,7 @@ class Mamba2(nnx.Module):
     d, e, h, g = config.d_model, config.ssm_inner, config.ssm_heads, config.ssm_groups
     n = config.state_size("mamba2")
     self.config = config
-    dense = dict(init_std=config.init_std, rngs=rngs)
+    dense = dict(init_std=config.init_std, rngs=rngs, use_bias=config.ssm_bias)
     self.in_xz = Linear((d,), (2, e), ("embed",), (None, "mlp"), **dense)
     self.in_bc = Linear((d,), (2 * g * n,), ("embed",), (None,), **dense)
     self.in_dt = Linear((d,), (h,), ("embed",), ("heads",), **dense)

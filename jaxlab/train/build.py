@@ -48,7 +48,8 @@ def model_config_fields(config: ModelConfig) -> dict[str, list[tuple[str, int]]]
   if mixers & {"mamba", "mamba2"}:
     fields["mlp"].append(("model.ssm_expand x model.d_model", config.ssm_inner))
   if "mamba2" in mixers:
-    fields["heads"].append(("model.ssm_expand x model.d_model / model.ssm_head_dim", config.ssm_heads))
+    fields["heads"].append((f"mamba2's head count (model.ssm_expand x model.d_model / model.ssm_head_dim = "
+                            f"{config.ssm_inner} / {config.ssm_head_dim})", config.ssm_heads))
   if "gla" in mixers:
     fields["heads"].append(("model.gla_heads", config.gla_num_heads))
   return fields

@@ -1,5 +1,5 @@
-"""Mask semantics and per-block math shared by the reference, the XLA path and the
-Pallas kernels, so every implementation computes the same function.
+"""Mask semantics and per-block math shared by the fast paths (the XLA path and the
+Pallas kernels); the reference (``reference.py``) is written apart from them.
 
 Positions: query i of t sits at position ``i + s - t`` among the s keys (queries are
 the last t positions, as when decoding against a cache). A query sees key j when

@@ -1,12 +1,34 @@
-"""The specification: plain softmax attention in fp32, materializing [t, s] scores."""
+"""The specification: plain softmax attention in fp32, materializing [t, s] scores.
+
+Written from the formulas alone; it shares no code with the XLA path or the kernels
+(which share their tile math in ``common.py``), so a wrong sign or mask there cannot
+hide behind the same mistake here."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
-from pallas_kernels.flash_attention.common import MASK_VALUE, MaskParams, tile_scores
+
+def _visible(t: int, s: int, causal: bool, sliding_window: int | None,
+             segment_ids: tuple[Int[Array, "b t"], Int[Array, "b s"]] | None) -> Bool[Array, "b 1 t s"]:
+  """Query i sits at position i + s - t (the last t of s positions). It sees key j when
+  j <= that position (causal), 0 <= position - j < window (sliding window, Mistral's
+  convention), and the two share a segment."""
+  q_pos = jnp.arange(s - t, s)[:, None]
+  k_pos = jnp.arange(s)[None, :]
+  distance = q_pos - k_pos
+  mask = jnp.ones((t, s), dtype=bool)
+  if causal:
+    mask &= distance >= 0
+  if sliding_window is not None:
+    mask &= (distance >= 0) & (distance < sliding_window)
+  mask = mask[None, None]
+  if segment_ids is not None:
+    q_seg, k_seg = segment_ids
+    mask = mask & (q_seg[:, None, :, None] == k_seg[:, None, None, :])
+  return mask
 
 
 def attention_reference(
@@ -21,28 +43,28 @@ def attention_reference(
     scale: float | None = None,
     alibi_slopes: Float[Array, "hq"] | None = None,
 ) -> Float[Array, "b t hq d"]:
-  """softmax(mask(cap(scale · q kᵀ - slope·|i - j|))) v with query head i reading kv
-  head i // (hq // hkv); rows that see no key are zero. Returns q's dtype; computes in
-  fp32."""
+  """softmax(mask(cap · tanh((scale · q kᵀ - slope_h · |i - j|) / cap))) v (ALiBi: Press
+  et al. 2022, eq. of §3; soft cap: Gemma 2) with query head h reading kv head
+  h // (hq // hkv); rows that see no key are zero. Returns q's dtype; computes in fp32."""
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
-  p = MaskParams(
-      q_offset=s - t, kv_len=s, causal=causal, sliding_window=sliding_window,
-      logit_soft_cap=logit_soft_cap, scale=d**-0.5 if scale is None else scale,
-      has_segments=segment_ids is not None, has_alibi=alibi_slopes is not None,
-  )
-  k = jnp.repeat(k.astype(jnp.float32), hq // hkv, axis=2)
-  v = jnp.repeat(v.astype(jnp.float32), hq // hkv, axis=2)
-  q_pos = (jnp.arange(t) + s - t).reshape(1, 1, t, 1)
-  k_pos = jnp.arange(s).reshape(1, 1, 1, s)
-  q_seg = k_seg = None
-  if segment_ids is not None:
-    q_seg, k_seg = segment_ids[0][:, None, :, None], segment_ids[1][:, None, None, :]
-  slope = None if alibi_slopes is None else alibi_slopes.astype(jnp.float32).reshape(1, hq, 1, 1)
-  q32 = q.astype(jnp.float32).transpose(0, 2, 1, 3)
-  logits, mask = tile_scores(q32, k.transpose(0, 2, 1, 3), q_pos, k_pos, q_seg, k_seg, slope, p)
-  mask = jnp.broadcast_to(mask, logits.shape)
-  weights = jax.nn.softmax(jnp.where(mask, logits, MASK_VALUE), axis=-1)
-  weights = jnp.where(mask.any(axis=-1, keepdims=True), weights, 0.0)
-  out = jnp.einsum("bhts,bshd->bthd", weights, v)
+  group = hq // hkv
+  qf = q.astype(jnp.float32).reshape(b, t, hkv, group, d)
+  scores = jnp.einsum("btkgd,bskd->bkgts", qf, k.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST).reshape(b, hq, t, s)
+  scores = scores * (d**-0.5 if scale is None else scale)
+  if alibi_slopes is not None:
+    distance = jnp.abs(jnp.arange(s - t, s)[:, None] - jnp.arange(s)[None, :]).astype(jnp.float32)[None, None]
+    scores = scores - alibi_slopes.astype(jnp.float32)[None, :, None, None] * distance
+  if logit_soft_cap is not None:
+    scores = logit_soft_cap * jnp.tanh(scores / logit_soft_cap)
+  mask = jnp.broadcast_to(_visible(t, s, causal, sliding_window, segment_ids), scores.shape)
+  scores = jnp.where(mask, scores, -jnp.inf)
+  row_max = jnp.max(scores, axis=-1, keepdims=True)
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  e = jnp.where(mask, jnp.exp(scores - jax.lax.stop_gradient(row_max)), 0.0)
+  total = e.sum(axis=-1, keepdims=True)
+  weights = e / jnp.where(total > 0, total, 1.0)
+  out = jnp.einsum("bhts,bshd->bthd", weights,
+                   jnp.repeat(v.astype(jnp.float32), group, axis=2), precision=jax.lax.Precision.HIGHEST)
   return out.astype(q.dtype)

@@ -15,8 +15,7 @@ from jaxtyping import Array, Float
 
 from pallas_kernels.gla import gpu, tpu
 from pallas_kernels.gla.common import SUB, chunk_len, local_cumsum, pad_axis, reverse_cumsum, round_up
-from pallas_kernels.gla.reference import gla_reference
-from pallas_kernels.gla.xla import gla_xla
+from pallas_kernels.gla.xla import gla_sequential, gla_xla
 from pallas_kernels.dispatch import choose, resolve_interpret_backend
 
 IMPLEMENTATIONS = (None, "xla", "sequential", "pallas", "pallas_interpret")
@@ -112,7 +111,7 @@ def gla(
   ``initial_state`` (zeros by default) and scale ``dk**-0.5`` by default. Returns o in
   q's dtype, or (o, final state [b, h, dk, dv] fp32) when ``return_final_state``.
 
-  ``implementation``: ``"sequential"`` the plain recurrence (the reference); ``"xla"``
+  ``implementation``: ``"sequential"`` the plain recurrence step by step; ``"xla"``
   the chunked form in plain JAX; ``"pallas"`` the Mosaic kernel on TPU and the Pallas
   GPU kernel on GPU; ``"pallas_interpret"`` the same kernels in interpret mode
   (``interpret_backend``: `pallas_kernels.dispatch`); None chooses per platform at
@@ -130,9 +129,8 @@ def gla(
     c = min(chunk, gpu.MAX_CHUNK[q.dtype == jnp.float32]) if backend == "gpu" else chunk
     return lambda *args: _pallas_gla(*args, _Kernel(backend, scale, c, interpret))
 
-  sequential = lambda q, k, v, g, s0: gla_reference(q, k, v, g, scale, s0, return_final_state=True)  # noqa: E731
   chosen = choose(implementation, kernel, lambda *a: gla_xla(*a, scale, chunk), interpret_backend,
-                  {"sequential": sequential})
+                  {"sequential": lambda *a: gla_sequential(*a, scale)})
 
   def run(q, k, v, log_g, s0):
     if s0 is None:  # local shapes: under shard_map these are the shard's

@@ -1,6 +1,7 @@
-"""The chunkwise form in plain JAX (fla's chunk_gla, equations in common.py): one
+"""GLA in plain JAX. The chunkwise form (fla's chunk_gla, equations in common.py): one
 ``lax.scan`` over chunks carrying the fp32 state, each chunk under ``jax.checkpoint`` so
-autodiff keeps only chunk-boundary states. Usable on any backend; the CPU path."""
+autodiff keeps only chunk-boundary states; usable on any backend, the CPU path. And the
+recurrence step by step (fla's ``naive_recurrent_gla``), the "sequential" option."""
 
 from __future__ import annotations
 
@@ -72,3 +73,25 @@ def gla_xla(
   final, o = jax.lax.scan(step, initial_state.astype(jnp.float32), xs)
   o = o.transpose(1, 0, 3, 2, 4).reshape(b, t_pad, h, dv)[:, :t]
   return o.astype(q.dtype), final
+
+
+def gla_sequential(
+    q: Float[Array, "b t h dk"],
+    k: Float[Array, "b t h dk"],
+    v: Float[Array, "b t h dv"],
+    log_g: Float[Array, "b t h dk"],
+    initial_state: Float[Array, "b h dk dv"],
+    scale: float,
+) -> tuple[Float[Array, "b t h dv"], Float[Array, "b h dk dv"]]:
+  """``S_t = diag(exp(log_g_t)) S_{t-1} + k_tᵀ v_t``, ``o_t = scale · q_t S_t`` by a
+  ``lax.scan`` over time: (o in q's dtype, fp32 final state)."""
+  time_major = lambda x: jnp.moveaxis(x.astype(jnp.float32), 1, 0)  # noqa: E731  [t, b, h, d]
+
+  def step(state, xs):
+    q_t, k_t, v_t, g_t = xs
+    state = jnp.exp(g_t)[..., None] * state + k_t[..., None] * v_t[..., None, :]
+    return state, jnp.einsum("bhk,bhkv->bhv", q_t * scale, state)
+
+  final, o = jax.lax.scan(step, initial_state.astype(jnp.float32),
+                          tuple(time_major(x) for x in (q, k, v, log_g)))
+  return jnp.moveaxis(o, 0, 1).astype(q.dtype), final

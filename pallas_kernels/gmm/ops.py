@@ -79,7 +79,7 @@ def _check(lhs, rhs, group_sizes, transpose_rhs, implementation):
 
 def gmm(
     lhs: Float[Array, "m k"],
-    rhs: Float[Array, "g k n"],
+    rhs: Float[Array, "g k n"] | Float[Array, "g n k"],
     group_sizes: Int[Array, "g"],
     *,
     transpose_rhs: bool = False,

@@ -21,7 +21,7 @@ def _group_rows(group_sizes: Int[Array, "g"], m: int, i: int):
 
 def gmm_reference(
     lhs: Float[Array, "m k"],
-    rhs: Float[Array, "g k n"],
+    rhs: Float[Array, "g k n"] | Float[Array, "g n k"],
     group_sizes: Int[Array, "g"],
     transpose_rhs: bool = False,
     preferred_element_type=None,

@@ -46,7 +46,7 @@ def _grouped_rows(m: int, group_sizes: jax.Array) -> jax.Array:
 
 
 def gmm(
-    lhs: Float[Array, "m k"], rhs: Float[Array, "g k n"], group_sizes: Int[Array, "g"],
+    lhs: Float[Array, "m k"], rhs: Float[Array, "g k n"] | Float[Array, "g n k"], group_sizes: Int[Array, "g"],
     transpose_rhs: bool, out_dtype, interpret: bool,
 ) -> Float[Array, "m n"]:
   m, k = lhs.shape

@@ -41,7 +41,7 @@ def _pad_rows(x: jax.Array, block: int) -> jax.Array:
 
 
 def gmm(
-    lhs: Float[Array, "m k"], rhs: Float[Array, "g k n"], group_sizes: Int[Array, "g"],
+    lhs: Float[Array, "m k"], rhs: Float[Array, "g k n"] | Float[Array, "g n k"], group_sizes: Int[Array, "g"],
     transpose_rhs: bool, out_dtype,
 ) -> Float[Array, "m n"]:
   m = lhs.shape[0]

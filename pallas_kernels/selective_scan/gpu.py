@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 from jaxtyping import Array, Float
 
-from pallas_kernels.selective_scan.reference import backward_step, forward_step
+from pallas_kernels.selective_scan.common import backward_step, forward_step
 from pallas_kernels.selective_scan.tpu import (
     Layout, from_channels, from_states, pad, to_channels, to_states,
 )

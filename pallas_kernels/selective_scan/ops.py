@@ -15,7 +15,7 @@ from jaxtyping import Array, Float
 
 from pallas_kernels.dispatch import choose, resolve_interpret_backend
 from pallas_kernels.selective_scan import gpu, tpu, xla
-from pallas_kernels.selective_scan.reference import effective_delta, scan_sequential, skip_and_gate
+from pallas_kernels.selective_scan.common import effective_delta, scan_sequential, skip_and_gate
 
 IMPLEMENTATIONS = (None, "sequential", "associative", "xla", "pallas", "pallas_interpret")
 
@@ -135,7 +135,7 @@ def selective_scan(
 
   Returns y in u's dtype, and the fp32 final state when ``return_final_state``.
 
-  ``implementation``: ``"sequential"`` a ``lax.scan`` over time (the reference);
+  ``implementation``: ``"sequential"`` a ``lax.scan`` over time;
   ``"associative"`` one ``associative_scan`` over time; ``"xla"`` the chunked scan
   (the recurrence unrolled inside chunks, checkpointed per chunk); ``"pallas"`` the Mosaic kernel on
   TPU and the Pallas GPU kernel on GPU; ``"pallas_interpret"`` the same kernels in

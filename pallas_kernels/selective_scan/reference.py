@@ -1,18 +1,15 @@
-"""The specification: mamba_ssm's ``selective_scan_ref`` as a sequential ``lax.scan``
-over time, in fp32, batch-major.
+"""The specification: mamba_ssm's ``selective_scan_ref`` in fp32, batch-major, written
+from its formulas and sharing no code with the implementations (``common.py``).
 
 mamba_ssm is channel-first (u ``[B D L]``, B ``[B N L]`` or ``[B G N L]``); here time
-is second: u ``[b, t, d]``, B ``[b, t, n]`` or ``[b, t, g, n]``. The recurrence, per
-channel c and state s::
+is second: u ``[b, t, d]``, B ``[b, t, n]`` or ``[b, t, g, n]``. Per channel c and
+state s (Gu & Dao 2023, eqs. 2a-2b and 4 with ZOH for A and Euler for B)::
 
-  delta = softplus(delta + delta_bias)             (each part when asked)
-  x_t   = exp(delta_t A) * x_{t-1} + delta_t B_t u_t  (ZOH for A, Euler for B)
-  y_t   = C_t · x_t + D u_t,  then  y_t * silu(z_t)  (when D, z are given)
+  Δ     = softplus(delta + delta_bias)              (each part when asked)
+  x_t   = exp(Δ_t A) ⊙ x_{t-1} + Δ_t u_t B_t
+  y_t   = (C_t · x_t + D u_t) · silu(z_t)           (D, z when given)
 
 Channel c reads group ``c // (d // g)`` of a grouped B or C. States are ``[b, d, n]``.
-
-This file also holds one step of the recurrence and of its adjoint in the kernels'
-layout (state ``[n, d_tile]``), which the TPU and GPU kernels share.
 """
 
 from __future__ import annotations
@@ -21,56 +18,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-
-def effective_delta(delta: Float[Array, "b t d"], delta_bias: Float[Array, "d"] | None,
-                    softplus: bool) -> Float[Array, "b t d"]:
-  """softplus(delta + delta_bias) in fp32, each part only when asked."""
-  delta = delta.astype(jnp.float32)
-  if delta_bias is not None:
-    delta = delta + delta_bias.astype(jnp.float32)[None, None]
-  return jax.nn.softplus(delta) if softplus else delta
+_HI = jax.lax.Precision.HIGHEST
 
 
-def skip_and_gate(y: Float[Array, "b t d"], u: Float[Array, "b t d"], D: Float[Array, "d"] | None,
-                  z: Float[Array, "b t d"] | None) -> Float[Array, "b t d"]:
-  """(y + D u) * silu(z) in fp32, each part only when given."""
-  y = y.astype(jnp.float32)
-  if D is not None:
-    y = y + u.astype(jnp.float32) * D.astype(jnp.float32)[None, None]
-  if z is not None:
-    y = y * jax.nn.silu(z.astype(jnp.float32))
-  return y
-
-
-def per_channel(bc: Float[Array, "b t n"] | Float[Array, "b t g n"], d: int) -> Float[Array, "b t #d n"]:
-  """B or C as [b, t, d, n] (grouped: channel c reads group c // (d // g)) or, when not
-  grouped, [b, t, 1, n] broadcasting over channels."""
-  bc = bc.astype(jnp.float32)
-  if bc.ndim == 3:
-    return bc[:, :, None, :]
-  return jnp.repeat(bc, d // bc.shape[2], axis=2)
-
-
-def scan_sequential(
-    u: Float[Array, "b t d"], delta: Float[Array, "b t d"], A: Float[Array, "d n"],
-    B: Float[Array, "b t n"] | Float[Array, "b t g n"], C: Float[Array, "b t n"] | Float[Array, "b t g n"],
-    x0: Float[Array, "b d n"],
-) -> tuple[Float[Array, "b t d"], Float[Array, "b d n"]]:
-  """The bare scan: y_t = C_t · x_t without skip or gate, fp32. Returns (y [b, t, d],
-  x_T [b, d, n])."""
-  d = u.shape[2]
-  A = A.astype(jnp.float32)
-
-  def step(x, inputs):
-    u_t, delta_t, B_t, C_t = inputs  # [b, d], [b, d], [b, d|1, n], [b, d|1, n]
-    x = jnp.exp(delta_t[..., None] * A[None]) * x + (delta_t * u_t)[..., None] * B_t
-    return x, jnp.sum(x * C_t, axis=-1)
-
-  time_major = lambda a: jnp.moveaxis(a, 1, 0)  # noqa: E731
-  xs = (time_major(u.astype(jnp.float32)), time_major(delta.astype(jnp.float32)),
-        time_major(per_channel(B, d)), time_major(per_channel(C, d)))
-  x_final, y = jax.lax.scan(step, x0.astype(jnp.float32), xs)
-  return time_major(y), x_final
+def _channels_by_group(v: Float[Array, "b t n"] | Float[Array, "b t g n"], d: int) -> Float[Array, "b t g dg n"]:
+  """B or C as [b, t, groups, 1, n] against channels laid out [groups, d // groups]."""
+  v = v.astype(jnp.float32)
+  return (v[:, :, None] if v.ndim == 3 else v)[:, :, :, None, :]
 
 
 def selective_scan_reference(
@@ -83,40 +37,33 @@ def selective_scan_reference(
   """mamba_ssm's ``selective_scan_ref`` (see the module docstring), batch-major, with an
   optional fp32 initial state [b, d, n]. Returns y in u's dtype, and the fp32 final
   state [b, d, n] when ``return_final_state``."""
-  b, _, d = u.shape
-  x0 = jnp.zeros((b, d, A.shape[1]), jnp.float32) if initial_state is None else initial_state
-  y, x_final = scan_sequential(u, effective_delta(delta, delta_bias, delta_softplus), A, B, C, x0)
-  y = skip_and_gate(y, u, D, z).astype(u.dtype)
-  return (y, x_final) if return_final_state else y
+  b, t, d = u.shape
+  n = A.shape[1]
+  groups = 1 if B.ndim == 3 else B.shape[2]
+  step = delta.astype(jnp.float32)
+  if delta_bias is not None:
+    step = step + delta_bias.astype(jnp.float32)[None, None]
+  if delta_softplus:
+    step = jnp.log1p(jnp.exp(-jnp.abs(step))) + jnp.maximum(step, 0.0)  # softplus
+  u32 = u.astype(jnp.float32)
+  by_group = lambda v: v.reshape(b, t, groups, d // groups)  # noqa: E731
+  # Discretized, for every step at once: Ā_t = exp(Δ_t A), B̄_t u_t = Δ_t u_t B_t.
+  decay = jnp.exp(step[..., None] * A.astype(jnp.float32)[None, None])  # [b, t, d, n]
+  drive = (by_group(step * u32)[..., None] * _channels_by_group(B, d)).reshape(b, t, d, n)
+  x0 = jnp.zeros((b, d, n), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
 
+  def advance(x, decay_and_drive):
+    a_t, bu_t = decay_and_drive
+    x = a_t * x + bu_t
+    return x, x
 
-# One step in the kernels' layout: state x [n, dt]; rows [1, dt] (per channel); columns
-# [n, 1] (per state); A [n, dt]. All fp32.
-
-
-def forward_step(x, u, delta, A, b, c):
-  """x_t = exp(delta_t A) x_{t-1} + delta_t u_t B_t and y_t = C_t · x_t (a [1, dt] row)."""
-  x = jnp.exp(delta * A) * x + b * (delta * u)
-  return x, jnp.sum(c * x, axis=0, keepdims=True)
-
-
-def backward_step(h, x_prev, dy, u, delta, A, b, c):
-  """The adjoint of `forward_step` at one time step. ``h`` is dL/dx_t from later steps
-  (and the final-state cotangent); with g = h + C_t dy_t (all of dL/dx_t):
-
-    du_t = Σ_n g δ_t B_t,   dδ_t = Σ_n g (A a_t x_{t-1} + B_t u_t),   dA += g δ_t a_t x_{t-1},
-    dB_t = Σ_d g δ_t u_t,   dC_t = Σ_d x_t dy_t,                       dL/dx_{t-1} = a_t g,
-
-  with a_t = exp(δ_t A). Returns (dL/dx_{t-1}, du row, dδ row, dA term, dB column, dC column);
-  dB and dC are partial sums over this channel tile.
-  """
-  a = jnp.exp(delta * A)
-  x = a * x_prev + b * (delta * u)
-  g = h + c * dy
-  g_delta = g * delta
-  g_ax = g * a * x_prev
-  du = jnp.sum(g_delta * b, axis=0, keepdims=True)
-  ddelta = jnp.sum(g_ax * A + g * b * u, axis=0, keepdims=True)
-  db = jnp.sum(g_delta * u, axis=1, keepdims=True)
-  dc = jnp.sum(x * dy, axis=1, keepdims=True)
-  return a * g, du, ddelta, g_ax * delta, db, dc
+  final, states = jax.lax.scan(advance, x0, (decay.swapaxes(0, 1), drive.swapaxes(0, 1)))
+  states = states.swapaxes(0, 1).reshape(b, t, groups, d // groups, n)  # x_t for every t
+  y = jnp.einsum("btgcn,btgon->btgc", states, _channels_by_group(C, d), precision=_HI).reshape(b, t, d)
+  if D is not None:
+    y = y + D.astype(jnp.float32)[None, None] * u32
+  if z is not None:
+    z32 = z.astype(jnp.float32)
+    y = y * z32 / (1.0 + jnp.exp(-z32))  # silu
+  y = y.astype(u.dtype)
+  return (y, final) if return_final_state else y

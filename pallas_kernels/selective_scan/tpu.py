@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jaxtyping import Array, Float
 
-from pallas_kernels.selective_scan.reference import backward_step, forward_step
+from pallas_kernels.selective_scan.common import backward_step, forward_step
 
 LANES, SUBLANES = 128, 8
 BLOCK_D = 256

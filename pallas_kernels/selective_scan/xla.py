@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from pallas_kernels.selective_scan.reference import per_channel
+from pallas_kernels.selective_scan.common import per_channel
 
 DEFAULT_CHUNK = 16
 

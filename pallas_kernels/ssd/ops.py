@@ -16,8 +16,7 @@ from jaxtyping import Array, Float
 
 from pallas_kernels.dispatch import choose, resolve_interpret_backend
 from pallas_kernels.ssd import gpu, tpu, xla
-from pallas_kernels.ssd.reference import expand_groups, ssd_reference
-from pallas_kernels.ssd.xla import F32
+from pallas_kernels.ssd.xla import F32, expand_groups
 
 IMPLEMENTATIONS = (None, "xla", "sequential", "pallas", "pallas_interpret")
 
@@ -147,7 +146,7 @@ def ssd(
   ``return_final_state``. mamba_ssm's ``ssd_minimal_discrete(x·dt, A·dt, B, C)``
   computes the same with B and C repeated per head; its layout is ours.
 
-  ``implementation``: ``"sequential"`` the step-by-step reference scan; ``"xla"`` the
+  ``implementation``: ``"sequential"`` the step-by-step scan; ``"xla"`` the
   chunked matmul form in plain JAX; ``"pallas"`` the Mosaic kernel on TPU and the Pallas
   GPU kernel on GPU; ``"pallas_interpret"`` those kernels in interpret mode
   (``interpret_backend``: `pallas_kernels.dispatch`); None chooses per platform at
@@ -167,9 +166,8 @@ def ssd(
   def kernel(backend: str, interpret: bool):
     return lambda *args: _pallas_ssd(*args, _Kernel(backend, chunk_size, interpret))
 
-  sequential = lambda *args: ssd_reference(*args, return_final_state=True)  # noqa: E731
   run = choose(implementation, kernel, lambda *a: xla.ssd_xla(*a, chunk_size), interpret_backend,
-               {"sequential": sequential})
+               {"sequential": xla.ssd_sequential})
 
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:

@@ -102,6 +102,39 @@ _step = jax.vmap(jax.vmap(jax.vmap(_head_step, (0, 0, 0, None, None, 0, 0)), (0,
                  (0, 0, 0, 0, 0, None, 0))
 
 
+def expand_groups(v: Float[Array, "b t g n"], heads: int) -> Float[Array, "b t h n"]:
+  """B or C per head: head i reads group i // (heads // g)."""
+  return jnp.repeat(v, heads // v.shape[2], axis=2)
+
+
+def ssd_sequential(
+    x: Float[Array, "b t h p"],
+    dt: Float[Array, "b t h"],
+    A: Float[Array, "h"],
+    B: Float[Array, "b t g n"],
+    C: Float[Array, "b t g n"],
+    D: Float[Array, "h"],
+    initial_state: Float[Array, "b h p n"],
+):
+  """The recurrence step by step (``lax.scan`` over time, fp32): y [b, t, h, p] in x's
+  dtype and the final state [b, h, p, n]."""
+  h = x.shape[2]
+  B_h, C_h = expand_groups(B.astype(F32), h), expand_groups(C.astype(F32), h)
+
+  def step(s, inputs):
+    x_t, dt_t, B_t, C_t = inputs  # [b, h, p], [b, h], [b, h, n], [b, h, n]
+    decay = jnp.exp(dt_t * A.astype(F32)[None, :])[:, :, None, None]
+    s = decay * s + (dt_t[:, :, None] * x_t)[..., None] * B_t[:, :, None, :]
+    return s, jnp.einsum("bhpn,bhn->bhp", s, C_t)
+
+  time_major = lambda v: jnp.moveaxis(v, 1, 0)  # noqa: E731
+  final, y = jax.lax.scan(step, initial_state.astype(F32),
+                          (time_major(x.astype(F32)), time_major(dt.astype(F32)), time_major(B_h),
+                           time_major(C_h)))
+  y = jnp.moveaxis(y, 0, 1) + D.astype(F32)[None, None, :, None] * x.astype(F32)
+  return y.astype(x.dtype), final
+
+
 def ssd_xla(
     x: Float[Array, "b t h p"],
     dt: Float[Array, "b t h"],

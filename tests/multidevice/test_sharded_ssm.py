@@ -88,7 +88,8 @@ def test_hybrid_model_on_a_2x2x2_mesh_matches_one_device(tiny_config, tmp_path):
 
 @pytest.mark.parametrize("fields,message", [
     (dict(gla_heads=1, mixers=("gla",), polarization=None), "model.gla_heads=1 is not divisible by the tensor mesh axis"),
-    (dict(mixers=("mamba2",), ssm_head_dim=64, polarization=None), "ssm_head_dim=1 is not divisible"),
+    (dict(mixers=("mamba2",), ssm_head_dim=64, polarization=None),
+     r"mamba2's head count \(model.ssm_expand x model.d_model / model.ssm_head_dim = 64 / 64\)=1 is not divisible"),
 ])
 def test_recurrent_configs_that_do_not_split_name_the_field(fields, message, tiny_config, tmp_path):
   config = _configure(tiny_config, dict(data=2, fsdp=2, tensor=2))

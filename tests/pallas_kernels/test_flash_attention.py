@@ -78,6 +78,30 @@ def test_masks(impl, mask):
   check(f"mask-{mask}", impl, **MASKS[mask])
 
 
+def test_reference_equals_a_loop_over_query_key_pairs():
+  """The reference against the definition written per (head, query, key) in numpy:
+  ALiBi distance, soft cap, window, causality, GQA head mapping, decode offset."""
+  rng = np.random.default_rng(7)
+  b, t, s, hq, hkv, d, cap, window, scale = 1, 5, 9, 4, 2, 3, 3.0, 6, 0.7
+  q, k, v = (rng.normal(size=shape).astype(np.float32)
+             for shape in ((b, t, hq, d), (b, s, hkv, d), (b, s, hkv, d)))
+  slopes = np.array([0.5, 0.25, 0.125, 0.0625], np.float32)
+  want = np.zeros((b, t, hq, d))
+  for h in range(hq):
+    kv = h // (hq // hkv)
+    for i in range(t):
+      pos = i + s - t
+      keys = [j for j in range(s) if j <= pos and pos - j < window]
+      logits = np.array([scale * q[0, i, h] @ k[0, j, kv] - slopes[h] * abs(pos - j) for j in keys])
+      logits = cap * np.tanh(logits / cap)
+      w = np.exp(logits - logits.max())
+      want[0, i, h] = (w / w.sum()) @ v[0, keys, kv]
+  got = attention_reference(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), causal=True,
+                            sliding_window=window, logit_soft_cap=cap, scale=scale,
+                            alibi_slopes=jnp.asarray(slopes))
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+
+
 @pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))
 @pytest.mark.parametrize("t, s", [(1, 1), (7, 7), (257, 257), (7, 130), (1, 257)])
 def test_odd_lengths_and_decoding_offsets(impl, t, s):
