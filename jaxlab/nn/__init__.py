@@ -3,6 +3,7 @@
 from jaxlab.nn.attention import Attention, KVCache, cache_attention
 from jaxlab.nn.config import ModelConfig
 from jaxlab.nn.linear_attention import GatedLinearAttention
+from jaxlab.nn.lora import LoRA, merge_lora
 from jaxlab.nn.mlp import MLP
 from jaxlab.nn.registry import FFNS, MIXERS, register_ffn, register_mixer
 from jaxlab.nn.ssm import S4D, Mamba, Mamba2, SSMCache
@@ -10,7 +11,7 @@ from jaxlab.nn.block import Block
 from jaxlab.nn.transformer import Cache, Transformer, generate
 
 __all__ = [
-    "Attention", "Block", "Cache", "FFNS", "GatedLinearAttention", "KVCache", "MIXERS", "MLP", "Mamba",
-    "Mamba2", "ModelConfig", "S4D", "SSMCache", "Transformer", "cache_attention", "generate",
+    "Attention", "Block", "Cache", "FFNS", "GatedLinearAttention", "KVCache", "LoRA", "MIXERS", "MLP", "Mamba",
+    "Mamba2", "ModelConfig", "S4D", "SSMCache", "Transformer", "cache_attention", "generate", "merge_lora",
     "register_ffn", "register_mixer",
 ]

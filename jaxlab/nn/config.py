@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -124,6 +125,10 @@ class ModelConfig:
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
   init_std: float = 0.02
+  # low-rank adaptation (jaxlab/nn/lora.py); 0: none
+  lora_rank: int = 0
+  lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
+  lora_targets: str = r"mixer/(q|v)$"  # regex over dense-layer paths; the paper's W_q and W_v
   # memory
   remat: str = "none"
 
@@ -159,6 +164,7 @@ class ModelConfig:
     _check_choice(self, "ssm_impl", SSM_IMPLS)
     _check_choice(self, "polarization", POLARIZATIONS)
     _check_choice(self, "s4d_init", S4D_INITS)
+    self._check_lora()
     self._check_recurrent_mixers()
     self._check_moe()
     self._check_block_mixture()
@@ -174,6 +180,16 @@ class ModelConfig:
       )
     if self.positional in ("rope", "tape") and self.dim_per_head % 2:
       raise ValueError(f"{self.positional} needs an even head_dim; got {self.dim_per_head}.")
+
+  def _check_lora(self) -> None:
+    if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+      raise ValueError(f"model.lora_rank={self.lora_rank!r} must be an integer >= 0 (0: no LoRA).")
+    if self.lora_rank and not self.lora_alpha > 0:
+      raise ValueError(f"model.lora_alpha={self.lora_alpha} must be > 0 (the update is scaled by alpha / rank).")
+    try:
+      re.compile(self.lora_targets)
+    except re.error as e:
+      raise ValueError(f"model.lora_targets={self.lora_targets!r} is not a regular expression: {e}") from None
 
   def _check_recurrent_mixers(self) -> None:
     mixers = set(self.mixers)

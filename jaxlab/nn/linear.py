@@ -52,6 +52,7 @@ class Linear(nnx.Module):
     self.bias = (
         logical_param(jnp.zeros(tuple(out_features), jnp.float32), out_names) if use_bias else None
     )
+    self.lora = nnx.data(None)  # a `jaxlab.nn.lora.LoRA` adapter, set by `add_lora`
 
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.kernel[...]
@@ -60,4 +61,6 @@ class Linear(nnx.Module):
     y = jax.lax.dot_general(x, kernel.astype(x.dtype), (contract, ((), ())))
     if self.bias is not None:
       y = y + broadcast_leading(self.bias[...].astype(y.dtype), y.ndim)
+    if self.lora is not None:
+      y = y + self.lora(x)
     return y

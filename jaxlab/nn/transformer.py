@@ -16,6 +16,7 @@ from jaxlab.nn.block_mixture import BlockMixture, SequenceRouter, make_block
 from jaxlab.nn.config import ModelConfig
 from jaxlab.nn.embed import Embed
 from jaxlab.nn.linear import Linear
+from jaxlab.nn.lora import add_lora
 from jaxlab.nn.norms import make_norm
 from jaxlab.nn.positional import LearnedPositions
 from jaxlab.nn.pregate import PreGatingRouter, choose
@@ -38,7 +39,8 @@ class Transformer(nnx.Module):
   With ``moe_router="pregate"`` a pre-gating router (`jaxlab.nn.pregate`) picks every MoE
   layer's expert from the token ids, unless the caller passes ``experts`` [b, t]. With
   ``block_experts`` the later layers are mixtures of whole blocks (`jaxlab.nn.block_mixture`),
-  at the model level routed by ``block_router`` at the first of them."""
+  at the model level routed by ``block_router`` at the first of them. With ``lora_rank`` the
+  dense layers matching ``lora_targets`` carry LoRA adapters (`jaxlab.nn.lora`)."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
@@ -60,6 +62,8 @@ class Transformer(nnx.Module):
             init_std=config.init_std, rngs=rngs,
         )
     )
+    if config.lora_rank:
+      add_lora(self, config, rngs=rngs)
 
   def _inputs(self, tokens: jax.Array, positions: jax.Array):
     """Token (+ learned position) embeddings, and TAPE's initial position features."""

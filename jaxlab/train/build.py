@@ -120,7 +120,7 @@ def build_run(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] |
   check_mesh_use(mesh, rules, config.sharding.strategy)
   check_expert_axis(mesh, config.sharding.strategy, "moe" in model_config.ffns)
   check_batch(config.data.batch_size, train.grad_accum, mesh, rules)
-  tx, schedule = make_optimizer(config.optim, train.steps)
+  tx, schedule = make_optimizer(config.optim, train.steps, lora=model_config.lora_rank > 0)
   abstract = abstract_train_state(model_config, tx, config.seed)
   check_divisible(abstract, mesh, rules, model_config_fields(model_config))
   graphdef = model_graphdef(model_config)

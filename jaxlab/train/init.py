@@ -2,7 +2,9 @@
 
 ``init.start_from=WORKDIR`` starts from the newest checkpoint of a run of the same model
 (a fine-tuning run, or a ``jaxlab.merge`` output): its parameters and model state, with
-this run's fresh optimizer at step 0.
+this run's fresh optimizer at step 0. The run may extend the context (``rope_scaling``),
+add LoRA adapters (the source's own adapters are merged when these differ) or turn RoPE
+into TAPE: ``FINE_TUNING_FIELDS``.
 
 ``init.upcycle_from=WORKDIR`` upcycles the newest checkpoint of a dense run
 (`jaxlab.growth.upcycle`) into this run's MoE model: parameters and optimizer moments
@@ -20,6 +22,7 @@ starts from the other run again.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -33,9 +36,10 @@ import optax
 from jaxlab.growth import LiGO, check_grow, check_upcycle, grow, upcycle
 from jaxlab.growth.grow import WIDTHS
 from jaxlab.growth.ligo import DEPTH_INITS, WIDTH_INITS
-from jaxlab.growth.trees import differing_fields
+from jaxlab.growth.trees import abstract_params, by_name, differing_fields, rebuild
 from jaxlab.growth.width import MAPPINGS
 from jaxlab.nn import ModelConfig
+from jaxlab.nn.lora import merged_by_name
 from jaxlab.sharding import use_mesh
 from jaxlab.train.checkpoint import Checkpointer, restore_target
 from jaxlab.train.grow import fit_ligo
@@ -63,13 +67,43 @@ class SourceRun:
 
   def restore(self, mesh, rules) -> TrainState:
     """Its newest checkpoint's state, sharded over this run's mesh, verified."""
-    tx, _ = make_optimizer(self.config.optim, self.config.train.steps)
+    tx, _ = make_optimizer(self.config.optim, self.config.train.steps, lora=self.model_config.lora_rank > 0)
     abstract = abstract_train_state(self.model_config, tx, self.config.seed)
     target = restore_target(abstract, state_shardings(abstract, mesh, rules))
     try:
       return self.checkpointer.restore(self.step, target, None)
     finally:
       self.checkpointer.close()
+
+
+# What a run started from another (init.start_from) may set unlike its source: how the same
+# parameters are computed, position interpolation, and additions that start as the identity
+# (LoRA adapters, B = 0; TAPE from RoPE, which TAPE equals at initialization).
+FINE_TUNING_FIELDS = ("attention_impl", "ssm_impl", "moe_gmm_impl", "remat", "rope_scaling",
+                      "rope_scaling_factor", "lora_rank", "lora_alpha", "lora_targets", "positional")
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")
+
+
+def merges_source_lora(source: ModelConfig, target: ModelConfig) -> bool:
+  """Whether the source's adapters are folded into its kernels before it is carried."""
+  return source.lora_rank > 0 and any(getattr(source, f) != getattr(target, f) for f in LORA_FIELDS)
+
+
+def check_fine_tuning(source: ModelConfig, target: ModelConfig, workdir: str) -> None:
+  """Raises unless every parameter of ``source`` has a place of its shape in ``target``."""
+  differ = differing_fields(source, target, allowed=FINE_TUNING_FIELDS)
+  if source.positional != target.positional and (source.positional, target.positional) != ("rope", "tape"):
+    differ.append(f"model.positional: {source.positional!r} -> {target.positional!r} (only 'rope' -> 'tape')")
+  if differ:
+    raise ValueError(f"init.start_from={workdir!r} is a run of another model; these fields differ "
+                     "(set them as the source has them, or grow or upcycle it instead):\n  " + "\n  ".join(differ))
+  carried = dataclasses.replace(source, lora_rank=0) if merges_source_lora(source, target) else source
+  old, new = by_name(abstract_params(carried)), by_name(abstract_params(target))
+  lost = [f"{n} {v.shape} -> {new[n].shape if n in new else 'absent'}" for n, v in old.items()
+          if n not in new or new[n].shape != v.shape]
+  if lost:
+    raise ValueError(f"init.start_from={workdir!r}: these parameters have no place in this run's model:\n  "
+                     + "\n  ".join(lost))
 
 
 def check_init(config: ml_collections.ConfigDict, model_config: ModelConfig) -> SourceRun | None:
@@ -80,10 +114,7 @@ def check_init(config: ml_collections.ConfigDict, model_config: ModelConfig) -> 
     raise ValueError(f"{' and '.join(starts)} are set together: a run starts from one other run.")
   if init.get("start_from") is not None:
     source = SourceRun(init.start_from, "init.start_from")
-    differ = differing_fields(source.model_config, model_config, allowed=())
-    if differ:
-      raise ValueError(f"init.start_from={init.start_from!r} is a run of another model; these fields differ "
-                       "(set them as the source has them, or grow or upcycle it instead):\n  " + "\n  ".join(differ))
+    check_fine_tuning(source.model_config, model_config, init.start_from)
     return source
   if init.upcycle_from is not None:
     source = SourceRun(init.upcycle_from, "init.upcycle_from")
@@ -111,6 +142,23 @@ def restart_schedule(opt_state: Any) -> Any:
   is_schedule = lambda node: isinstance(node, optax.ScaleByScheduleState)  # noqa: E731
   return jax.tree.map(lambda node: node._replace(count=jnp.zeros_like(node.count)) if is_schedule(node) else node,
                       opt_state, is_leaf=is_schedule)
+
+
+def _fine_tuned(setup, source: SourceRun, fresh: TrainState) -> TrainState:
+  """This run's fresh state with every variable the source has (by path) taken from it;
+  what only this run has (adapters, TAPE's maps) keeps its initialization."""
+  merge = merges_source_lora(source.model_config, setup.model_config)
+
+  def start(restored, fresh):
+    params = by_name(restored.params)
+    if merge:
+      params = merged_by_name(params, source.model_config)
+    old = {**params, **by_name(restored.model_state)}
+    carry = lambda name, value: old.get(name, value)  # noqa: E731
+    return fresh.replace(params=rebuild(fresh.params, carry), model_state=rebuild(fresh.model_state, carry))
+
+  restored = source.restore(setup.mesh, setup.rules)
+  return jax.jit(start, out_shardings=setup.shardings, donate_argnums=1)(restored, fresh)
 
 
 def _upcycled(setup, source: SourceRun, fresh: TrainState) -> TrainState:
@@ -158,9 +206,7 @@ def initial_state(setup, source: SourceRun | None, batches=None) -> tuple[TrainS
       return fresh, {}
     if source.field == "init.start_from":
       log.info("starting from %s step %d", source.workdir, source.step)
-      restored = source.restore(setup.mesh, setup.rules)
-      state = fresh.replace(params=restored.params, model_state=restored.model_state)
-      return state, {"start_from": str(source.workdir), "source_step": source.step}
+      return _fine_tuned(setup, source, fresh), {"start_from": str(source.workdir), "source_step": source.step}
     if source.field == "init.upcycle_from":
       log.info("upcycling %s step %d into this run", source.workdir, source.step)
       return _upcycled(setup, source, fresh), {"upcycle_from": str(source.workdir), "source_step": source.step}

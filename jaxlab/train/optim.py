@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import optax
 
+from jaxlab.nn.lora import LORA_PARAMETERS
 from jaxlab.nn.ssm import NO_WEIGHT_DECAY
 from jaxlab.train.state import path_name
 
@@ -55,7 +56,10 @@ def trainable_labels(pattern: str) -> Any:
   return labels
 
 
-def make_optimizer(optim: Any, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(optim: Any, total_steps: int, *, lora: bool = False
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW on the parameters ``optim.trainable`` matches; with ``lora`` (a model with LoRA
+  adapters) and no ``optim.trainable``, on the adapters only, the base frozen (Hu et al.)."""
   schedule = learning_rate_schedule(optim, total_steps)
   tx = optax.chain(
       optax.clip_by_global_norm(optim.clip_norm),
@@ -64,7 +68,7 @@ def make_optimizer(optim: Any, total_steps: int) -> tuple[optax.GradientTransfor
           weight_decay=optim.weight_decay, mask=decay_mask,
       ),
   )
-  if optim.get("trainable"):
-    tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()},
-                               trainable_labels(optim.trainable))
+  trainable = optim.get("trainable") or (LORA_PARAMETERS if lora else None)
+  if trainable:
+    tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, trainable_labels(trainable))
   return tx, schedule

@@ -1,13 +1,18 @@
-"""Starting a run from another run's checkpoint: ``init.upcycle_from`` and ``init.grow_from``."""
+"""Starting a run from another run's checkpoint: ``init.start_from``, ``init.upcycle_from`` and
+``init.grow_from``."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from jaxlab import data as data_lib
+from jaxlab.growth.trees import by_name
 from jaxlab.train import Trainer, load_config_module
+from jaxlab.train.init import check_fine_tuning
 from jaxlab.train.metrics import read_metrics
 
 
@@ -110,3 +115,40 @@ def test_bad_growth_settings_are_refused_before_anything_is_written(small, tmp_p
   large.init.update(**{field: tiny_config.init[field]}, upcycle_from=str(small.workdir))
   with pytest.raises(ValueError, match="set together"):
     Trainer(large, tmp_path / "large")
+
+
+def test_fine_tuning_adds_lora_or_tape_and_extends_the_context_from_a_rope_run(tiny_config, tmp_path):
+  """The passkey protocol's starts (``init.start_from``): a RoPE run gains LoRA adapters
+  (or becomes TAPE) and computes the source's function until it trains; a LoRA run is
+  merged when the next run drops its adapters; other changes are refused by name."""
+  tiny_config.train.update(steps=2, checkpoint_every=2, eval_every=2, num_samples=0)
+  tiny_config.optim.warmup_steps = 1
+  tiny_config.model.num_kv_heads = None  # TAPE keeps features per head
+  base = Trainer(tiny_config, tmp_path / "base")
+  base.run()
+
+  def started(name, **model):
+    config = tiny_config.copy_and_resolve_references()
+    config.model.update(model)
+    config.init.start_from = str(tmp_path / "base" if name != "merged" else tmp_path / "lora")
+    run = Trainer(config, tmp_path / name)
+    run.run()
+    return run
+
+  lora = started("lora", lora_rank=4, lora_targets=r"mixer/(q|k|v|o)$")
+  assert train_steps_from_the_source_loss(base, lora) == [1, 2]
+  before, after = by_name(base.state.params), by_name(lora.state.params)
+  changed = {n for n in after if n not in before or not np.array_equal(before[n], after[n])}
+  assert changed == {n for n in after if "/lora/" in n} and changed  # the base stays frozen
+  merged = started("merged")  # no adapters: the LoRA run's are folded into its kernels
+  assert train_steps_from_the_source_loss(lora, merged) == [1, 2]
+  assert train_steps_from_the_source_loss(base, started("tape", positional="tape")) == [1, 2]
+  extended = dataclasses.replace(lora.model_config, rope_scaling="linear", rope_scaling_factor=2.0)
+  check_fine_tuning(base.model_config, extended, "base")  # position interpolation (Chen et al. 2023)
+  for field, value, message in [("positional", "alibi", "model.positional: 'rope' -> 'alibi' .only 'rope' -> 'tape'"),
+                                ("mlp_dim", 48, "model.mlp_dim: .* -> 48")]:
+    bad = tiny_config.copy_and_resolve_references()
+    bad.model[field] = value
+    bad.init.start_from = str(tmp_path / "base")
+    with pytest.raises(ValueError, match=f"(?s)is a run of another model.*{message}"):
+      Trainer(bad, tmp_path / "bad")

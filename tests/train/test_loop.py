@@ -154,10 +154,10 @@ def test_a_nan_gradient_under_a_finite_loss_stops_before_the_update(
 
 def test_a_nan_update_stops_the_run_and_says_no_checkpoint_exists(tiny_config, tmp_path, monkeypatch):
   """A NaN learning rate (past the config checks) makes finite gradients give NaN updates."""
-  def nan_learning_rate(optim, steps):
+  def nan_learning_rate(optim, steps, **kwargs):
     optim = optim.copy_and_resolve_references()
     optim.learning_rate = float("nan")
-    return make_optimizer(optim, steps)
+    return make_optimizer(optim, steps, **kwargs)
 
   monkeypatch.setattr(build_lib, "make_optimizer", nan_learning_rate)
   tiny_config.train.update(steps=4, checkpoint_every=1)
