@@ -7,12 +7,6 @@ from jaxlab.aot import set_compile_environment
 
 set_compile_environment()  # before jax starts: TPU and GPU compile targets in the tests
 
-import jaxtyping  # noqa: E402
-
-# Every annotated function of jaxlab and pallas_kernels checks its arguments' and result's
-# shapes and dtypes against its jaxtyping annotations while the tests run.
-jaxtyping.install_import_hook(["jaxlab", "pallas_kernels"], "beartype.beartype")
-
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -44,12 +38,3 @@ def tiny_config():
 def experiment_config():
   """``experiment_config(name, *arg)``: a fresh config of experiments/configs/<name>.py."""
   return load_config
-
-
-@pytest.fixture
-def without_shape_checks():
-  """Annotation checks off, for tests of a function's own errors on bad shapes, which
-  the checker would otherwise pre-empt."""
-  jaxtyping.config.update("jaxtyping_disable", True)
-  yield
-  jaxtyping.config.update("jaxtyping_disable", False)

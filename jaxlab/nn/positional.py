@@ -39,7 +39,7 @@ def cos_sin(angles: Float[Array, "b t half"]) -> tuple[Float[Array, "b t d"], Fl
   return jnp.cos(angles), jnp.sin(angles)
 
 
-def rotate(x: Float[Array, "b t h d"], cos: Float[Array, "b t h d"], sin: Float[Array, "b t h d"]):
+def rotate(x: Float[Array, "b t h d"], cos: Float[Array, "b t #h d"], sin: Float[Array, "b t #h d"]):
   """x · cos + rotate_half(x) · sin, feature i paired with i + d/2; computed in fp32.
   cos and sin broadcast over heads (RoPE) or carry one value per head (TAPE)."""
   x32 = x.astype(jnp.float32)

@@ -164,14 +164,12 @@ def test_default_implementation_on_cpu_is_the_xla_path():
         (dict(implementation="pallas_interpret", interpret_backend="cpu"), "interpret_backend='cpu'"),
     ],
 )
-@pytest.mark.usefixtures("without_shape_checks")
 def test_bad_arguments(kwargs, message):
   q = jnp.ones((1, 8, 4, 16))
   with pytest.raises(ValueError, match=message):
     flash_attention(q, q[:, :, :2], q[:, :, :2], **kwargs)
 
 
-@pytest.mark.usefixtures("without_shape_checks")
 def test_bad_shapes():
   q = jnp.ones((1, 8, 3, 16))
   with pytest.raises(ValueError, match="multiple of kv heads"):

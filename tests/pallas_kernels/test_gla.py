@@ -136,14 +136,12 @@ def test_default_implementation_on_cpu_is_the_xla_path():
         (dict(initial_state=jnp.zeros((1, 2, 16, 8))), r"initial_state must be \[b, h, dk, dv\]"),
     ],
 )
-@pytest.mark.usefixtures("without_shape_checks")
 def test_bad_arguments(kwargs, message):
   q = jnp.ones((1, 8, 2, 16))
   with pytest.raises(ValueError, match=message):
     gla(q, q, q, -q, **kwargs)
 
 
-@pytest.mark.usefixtures("without_shape_checks")
 def test_bad_shapes():
   q = jnp.ones((1, 8, 2, 16))
   with pytest.raises(ValueError, match="log_g"):

@@ -121,7 +121,6 @@ def test_reference_is_the_per_group_product():
     (dict(sizes=(3,)), "group_sizes must be"),
     (dict(implementation="megablox"), "implementation='megablox'"),
 ])
-@pytest.mark.usefixtures("without_shape_checks")
 def test_bad_arguments_are_named(bad, message):
   lhs = jnp.zeros(bad.get("lhs", (4, 3)))
   rhs = jnp.zeros(bad.get("rhs", (2, 3, 2)))

@@ -132,7 +132,6 @@ def test_default_implementation_on_cpu_is_the_chunked_path():
         (dict(B=jnp.ones((1, 8, 5)), C=jnp.ones((1, 8, 5))), r"B and C must be \[b, t, n\]"),
     ],
 )
-@pytest.mark.usefixtures("without_shape_checks")
 def test_bad_arguments(kwargs, message):
   args = dict(u=jnp.ones((1, 8, 6)), delta=jnp.ones((1, 8, 6)), A=-jnp.ones((6, 4)),
               B=jnp.ones((1, 8, 4)), C=jnp.ones((1, 8, 4)))

@@ -154,7 +154,6 @@ def test_under_a_mesh_runs_in_shard_map():
         (dict(x=jnp.ones((1, 8, 64))), "x must be"),
     ],
 )
-@pytest.mark.usefixtures("without_shape_checks")
 def test_bad_arguments(change, message):
   kw = dict(x=jnp.ones((1, 8, 4, 16)), dt=jnp.ones((1, 8, 4)), A=-jnp.ones(4), B=jnp.ones((1, 8, 2, 16)),
             C=jnp.ones((1, 8, 2, 16)))
