@@ -5,11 +5,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxlab.data import make_sources
+from jaxlab.data import Addition, make_sources
 from jaxlab.nn import ModelConfig
 from jaxlab.train import load_config_module
 
-RECALL = load_config_module(Path(__file__).resolve().parents[1] / "experiments" / "configs" / "ssm_recall.py")
+CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+RECALL = load_config_module(CONFIGS / "ssm_recall.py")
+TAPE = load_config_module(CONFIGS / "tape_arithmetic.py")
+GATED = load_config_module(CONFIGS / "gated_attention.py")
 
 
 @pytest.mark.parametrize("size", sorted(RECALL.SIZES))
@@ -42,3 +45,26 @@ def test_ssm_recall_zero_bias_starts_every_step_size_at_log_2():
     np.testing.assert_array_equal(np.asarray(block.mixer.dt_bias[...]), 0.0)
   default = Transformer(ModelConfig.from_dict(RECALL.get_config("mamba_both,2").model), rngs=nnx.Rngs(0))
   assert np.all(np.asarray(default.blocks[0].mixer.dt_bias[...]) < -2)  # Δ <= 0.1
+
+
+@pytest.mark.parametrize("size", sorted(TAPE.SIZES))
+@pytest.mark.parametrize("protocol", sorted(TAPE.PROTOCOLS))
+def test_tape_arithmetic_configs(protocol, size):
+  """The Abacus protocol puts Abacus on the digit tokens of 1-5 digit problems; the plain
+  one has none and 1-8 digits; every problem fits the sequence."""
+  config = TAPE.get_config(f"tape,{size},{protocol}")
+  model_config = ModelConfig.from_dict(config.model)
+  sources = make_sources(config.data, seed=0)
+  assert model_config.abacus == (protocol == "abacus") and sources.vocab_size <= model_config.vocab_size
+  assert config.data.addition.max_digits == (5 if protocol == "abacus" else 8)
+  assert all((sources.train[i]["targets"] == Addition.EOS).any() for i in range(200))  # whole answers fit
+  assert model_config.abacus_digit_tokens == (0, 9)  # Addition writes digit d as token d
+
+
+@pytest.mark.parametrize("size", sorted(GATED.SIZES))
+@pytest.mark.parametrize("gate", sorted(GATED.GATES))
+def test_gated_attention_configs(gate, size):
+  config = GATED.get_config(f"{gate},{size}")
+  model_config = ModelConfig.from_dict(config.model)
+  assert model_config.attention_gate == GATED.GATES[gate] and model_config.mixers == ("attention",)
+  assert make_sources(config.data, seed=0).vocab_size <= model_config.vocab_size

@@ -31,7 +31,7 @@ from flax import nnx  # noqa: E402
 
 from jaxlab.data.synthetic import MQAR  # noqa: E402
 from jaxlab.nn.diagnostics import influence_by_distance, oversmoothing  # noqa: E402
-from jaxlab.train import load_config_module, train_to_end  # noqa: E402
+from jaxlab.train import load_config_module, shorten, train_to_end  # noqa: E402
 from jaxlab.train.evaluate import sequence_metrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,9 +77,7 @@ def diagnose(model, config) -> dict:
 
 def run_one(name: str, depth: int, workdir: Path) -> dict:
   config = load_config(f"{name},{depth},{_SIZE.value},{_DT_INIT.value}")
-  if _STEPS.value:
-    config.train.update(steps=_STEPS.value, eval_every=_STEPS.value, checkpoint_every=_STEPS.value)
-    config.optim.warmup_steps = min(config.optim.warmup_steps, _STEPS.value // 2)
+  shorten(config, _STEPS.value)
   start = time.time()
   trainer, summary = train_to_end(config, workdir)
   model = nnx.merge(trainer.graphdef, trainer.state.params, trainer.state.model_state)

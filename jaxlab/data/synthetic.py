@@ -95,6 +95,9 @@ class Addition:
 
   @staticmethod
   def _number(rng: np.random.Generator, digits: int) -> int:
+    """A uniform ``digits``-digit number; past 18 digits (numpy's int64) digit by digit."""
+    if digits > 18:
+      return int("".join(map(str, [rng.integers(1, 10), *rng.integers(0, 10, digits - 1)])))
     low = 0 if digits == 1 else 10 ** (digits - 1)
     return int(rng.integers(low, 10**digits))
 

@@ -158,6 +158,7 @@ def rule(config: ModelConfig, name: str) -> Rule:
     # so the final norm takes the consumer's side (Net2Net's division) for it.
     final = READ if config.tie_embeddings else WRITE
     table = {"embed/table": Rule((None, WRITE)), "positions/table": Rule((None, WRITE)),
+             "abacus/table": Rule((None, WRITE)),
              "lm_head/kernel": Rule((READ, None)), "final_norm/scale": Rule((final,)),
              "final_norm/bias": Rule((final,))}
     rest = name

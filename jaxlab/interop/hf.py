@@ -326,7 +326,7 @@ def _decoder_hf(config: ModelConfig, family: Family) -> dict[str, Any]:
 
 def _decoder_problems(config: ModelConfig, family: Family) -> list[str]:
   want = {"norm": "rmsnorm", "mlp_activation": "swiglu", "positional": "rope", "rope_scaling": None,
-          "logit_soft_cap": None, "attention_gate": None, "block_experts": 0}
+          "logit_soft_cap": None, "attention_gate": None, "block_experts": 0, "abacus": False}
   if not family.sliding_window:
     want["sliding_window"] = None
   if family.moe_block:
@@ -532,7 +532,7 @@ def _ssm_hf(config: ModelConfig, family: Family) -> dict[str, Any]:
 
 
 def _ssm_problems(config: ModelConfig, family: Family) -> list[str]:
-  want = {"norm": "rmsnorm", "block_experts": 0}
+  want = {"norm": "rmsnorm", "block_experts": 0, "abacus": False}
   problems = [f"model.{name}={getattr(config, name)!r} ({family.name} needs {value!r})"
               for name, value in want.items() if getattr(config, name) != value]
   if config.positional == "learned":

@@ -117,11 +117,13 @@ class Attention(nnx.Module):
     )
 
   def _record_sink(self, q: jax.Array, k: jax.Array) -> None:
+    """Sows the mean attention weight on the first token over heads and queries 1..t-1
+    (query 0 sees only the first token, so its weight is 1 whatever the model)."""
     if self.record_sink:
       c = self.config
       weight = attention_to_first_key(q, k, causal=True, sliding_window=c.sliding_window,
                                       logit_soft_cap=c.logit_soft_cap, alibi_slopes=self._slopes())
-      self.sow(nnx.Intermediate, "attention_sink", jnp.mean(weight))
+      self.sow(nnx.Intermediate, "attention_sink", jnp.mean(weight[:, 1:]))
 
   def _output(self, x: jax.Array, out: jax.Array) -> jax.Array:
     if self.gate is not None:

@@ -7,6 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jaxtyping import Array, Float, Int
 
 from jaxlab.nn import attention as _attention  # noqa: F401  (registers "attention")
 from jaxlab.nn import linear_attention as _linear_attention  # noqa: F401  (registers "gla")
@@ -48,30 +49,31 @@ class Block(nnx.Module):
     out = self.ffn(h, experts) if self.pregated else self.ffn(h)
     return x + out, (None if pe is None else self.tape(pe, out))
 
-  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, pe: PositionState | None = None,
-               experts: jax.Array | None = None):
-    h = self.mixer_norm(x_BxLxD)
+  def __call__(self, x: Float[Array, "b t d"], positions: Int[Array, "b t"], pe: PositionState | None = None,
+               experts: jax.Array | None = None) -> tuple[Float[Array, "b t d"], PositionState | None]:
+    h = self.mixer_norm(x)
     if pe is None:
-      x_BxLxD = x_BxLxD + self.mixer(h, positions_BxL)
+      x = x + self.mixer(h, positions)
     else:
-      out, pe = self.mixer(h, positions_BxL, pe)
-      x_BxLxD = x_BxLxD + out
-    x_BxLxD = shard(x_BxLxD, ("batch", "length", "embed"))
-    x_BxLxD, pe = self._ffn(x_BxLxD, pe, experts)
-    return shard(x_BxLxD, ("batch", "length", "embed")), pe
+      out, pe = self.mixer(h, positions, pe)
+      x = x + out
+    x = shard(x, ("batch", "length", "embed"))
+    x, pe = self._ffn(x, pe, experts)
+    return shard(x, ("batch", "length", "embed")), pe
 
   def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> Any:
     return self.mixer.init_cache(batch, max_len, dtype)
 
-  def decode(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, cache: Any,
-             pe: PositionState | None = None, experts: jax.Array | None = None):
-    h = self.mixer_norm(x_BxTxD)
+  def decode(self, x: Float[Array, "b t d"], positions: Int[Array, "b t"], cache: Any,
+             pe: PositionState | None = None,
+             experts: jax.Array | None = None) -> tuple[Float[Array, "b t d"], Any, PositionState | None]:
+    h = self.mixer_norm(x)
     if pe is None:
-      out, cache = self.mixer.decode(h, positions_BxT, cache)
+      out, cache = self.mixer.decode(h, positions, cache)
     else:
-      out, cache, pe = self.mixer.decode(h, positions_BxT, cache, pe)
-    x_BxTxD, pe = self._ffn(x_BxTxD + out, pe, experts)
-    return x_BxTxD, cache, pe
+      out, cache, pe = self.mixer.decode(h, positions, cache, pe)
+    x, pe = self._ffn(x + out, pe, experts)
+    return x, cache, pe
 
 
 def apply_block(block: nnx.Module, x: jax.Array, positions: jax.Array, pe, experts, routes=None):

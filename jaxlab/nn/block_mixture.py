@@ -60,15 +60,15 @@ class SequenceRouter(nnx.Module):
                                 ("embed", None))
     self.config = config
 
-  def pool(self, x_BxLxD: Float[Array, "b l d"]) -> Float[Array, "b d"]:
-    x = x_BxLxD.astype(jnp.float32)
+  def pool(self, x: Float[Array, "b l d"]) -> Float[Array, "b d"]:
+    x = x.astype(jnp.float32)
     return x[:, 0] if self.config.block_pooler == "first_token" else jnp.mean(x, axis=1)
 
-  def __call__(self, x_BxLxD: Float[Array, "b l d"], positions_BxL: Int[Array, "b l"],
+  def __call__(self, x: Float[Array, "b l d"], positions: Int[Array, "b l"],
                cached: Float[Array, "b e"] | None = None) -> Float[Array, "b e"]:
     """The routes of ``x``; when decoding (``cached`` given) those in the cache, unless
     this call starts the sequence (position 0)."""
-    probs = jax.nn.softmax(self.pool(x_BxLxD) @ self.kernel[...], axis=-1)
+    probs = jax.nn.softmax(self.pool(x) @ self.kernel[...], axis=-1)
     top, chosen = jax.lax.top_k(probs, self.config.block_top_k)
     top = top / jnp.sum(top, axis=-1, keepdims=True)
     routes = jnp.sum(jax.nn.one_hot(chosen, probs.shape[-1], dtype=jnp.float32) * top[..., None], axis=1)
@@ -77,7 +77,7 @@ class SequenceRouter(nnx.Module):
     report(self, Metric, "router_entropy", jnp.sum(entropy))
     if cached is None:
       return routes
-    return jnp.where(positions_BxL[:, :1] == 0, routes, cached)
+    return jnp.where(positions[:, :1] == 0, routes, cached)
 
 
 class BlockMixture(nnx.Module):
@@ -92,24 +92,25 @@ class BlockMixture(nnx.Module):
     y = sum(routes[:, e, None, None].astype(out.dtype) * out for e, out in enumerate(outputs))
     return shard(y, ("batch", "length", "embed"))
 
-  def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, pe: None = None, experts: None = None,
-               routes: Float[Array, "b e"] | None = None):
+  def __call__(self, x: Float[Array, "b l d"], positions: Int[Array, "b l"], pe: None = None, experts: None = None,
+               routes: Float[Array, "b e"] | None = None) -> tuple[Float[Array, "b l d"], None]:
     if routes is None:
-      routes = self.router(x_BxLxD, positions_BxL)
-    outputs = [block(x_BxLxD, positions_BxL)[0] for block in self.experts]
+      routes = self.router(x, positions)
+    outputs = [block(x, positions)[0] for block in self.experts]
     return self._combine(routes, outputs), None
 
   def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> BlockMixtureCache:
     return BlockMixtureCache(routes=jnp.zeros((batch, len(self.experts)), jnp.float32),
                              experts=[block.init_cache(batch, max_len, dtype) for block in self.experts])
 
-  def decode(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, cache: BlockMixtureCache, pe: None = None,
-             experts: None = None, routes: Float[Array, "b e"] | None = None):
+  def decode(self, x: Float[Array, "b t d"], positions: Int[Array, "b t"], cache: BlockMixtureCache, pe: None = None,
+             experts: None = None,
+             routes: Float[Array, "b e"] | None = None) -> tuple[Float[Array, "b t d"], BlockMixtureCache, None]:
     if routes is None:
-      routes = self.router(x_BxTxD, positions_BxT, cache.routes)
+      routes = self.router(x, positions, cache.routes)
     outputs, caches = [], []
     for block, block_cache in zip(self.experts, cache.experts):
-      out, block_cache, _ = block.decode(x_BxTxD, positions_BxT, block_cache)
+      out, block_cache, _ = block.decode(x, positions, block_cache)
       outputs.append(out)
       caches.append(block_cache)
     return self._combine(routes, outputs), BlockMixtureCache(routes=routes, experts=caches), None

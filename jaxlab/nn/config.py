@@ -50,6 +50,11 @@ class ModelConfig:
   rope_scaling: str | None = None  # None | linear | ntk
   rope_scaling_factor: float = 1.0
   max_position: int = 2048  # table size of learned absolute positions
+  # Abacus digit positions (McLeish et al. 2024), added to the token embeddings with any `positional`
+  abacus: bool = False
+  abacus_digit_tokens: tuple[int, int] = (0, 9)  # first and last token id of the digits 0-9
+  abacus_max_offset: int = 100  # training shifts digit indices by k ~ U{0..this}, one k a step
+  abacus_max_digits: int = 32  # longest number with its own index at test time (offset 0)
   tape_position_size: int | None = None  # TAPE's hidden width over heads; None: 4 x num_heads
   attention_bias: bool = False
   attention_impl: str = "auto"  # auto (per platform) | xla | pallas | pallas_interpret | cudnn
@@ -135,10 +140,13 @@ class ModelConfig:
   def __post_init__(self):
     object.__setattr__(self, "mixers", tuple(self.mixers))
     object.__setattr__(self, "ffns", tuple(self.ffns))
+    object.__setattr__(self, "abacus_digit_tokens", tuple(self.abacus_digit_tokens))
     _check_positive(self, "vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim")
     _check_choice(self, "norm", NORMS)
     _check_choice(self, "mlp_activation", MLP_ACTIVATIONS)
     _check_choice(self, "positional", POSITIONAL)
+    if self.abacus:
+      _check_abacus(self)
     _check_choice(self, "remat", REMAT_POLICIES)
     _check_choice(self, "rope_scaling", ROPE_SCALINGS)
     _check_choice(self, "attention_impl", ATTENTION_IMPLS)
@@ -383,6 +391,16 @@ class ModelConfig:
 def _check_positive(config: ModelConfig, *names: str) -> None:
   for name in names:
     checks.positive_int(f"model.{name}", getattr(config, name))
+
+
+def _check_abacus(config: ModelConfig) -> None:
+  first, last = config.abacus_digit_tokens
+  if not 0 <= first <= last < config.vocab_size or last - first != 9:
+    raise ValueError(f"model.abacus_digit_tokens={config.abacus_digit_tokens} must be the first and last id of the "
+                     f"ten digit tokens 0-9 (last = first + 9) inside the vocabulary of {config.vocab_size}.")
+  if config.abacus_max_offset < 0 or config.abacus_max_digits < 1:
+    raise ValueError(f"model.abacus_max_offset={config.abacus_max_offset} must be >= 0 and "
+                     f"model.abacus_max_digits={config.abacus_max_digits} >= 1.")
 
 
 def _check_choice(config: ModelConfig, name: str, choices: tuple[str | None, ...]) -> None:

@@ -19,13 +19,13 @@ def influence(model: Transformer, tokens: Int[Array, "b t"], target: int) -> Flo
   graphdef, state = nnx.split(model)
   x, positions, pe = model.embeddings(tokens)
 
-  def output_at_target(x_1xTxD, positions_1xT, pe_1):
+  def output_at_target(x_batch, positions_batch, pe_batch):  # a batch of one: [1, t, d], [1, t]
     net = nnx.merge(graphdef, state)
-    return net.hidden_states(x_1xTxD, positions_1xT, pe_1)[-1][0, target].astype(jnp.float32)
+    return net.hidden_states(x_batch, positions_batch, pe_batch)[-1][0, target].astype(jnp.float32)
 
-  def one_example(x_TxD, positions_T, pe_one):
+  def one_example(x_one, positions_one, pe_one):  # [t, d], [t]
     pe_batch = None if pe_one is None else jax.tree.map(lambda a: a[None], pe_one)
-    jac = jax.jacrev(output_at_target)(x_TxD[None].astype(jnp.float32), positions_T[None], pe_batch)
+    jac = jax.jacrev(output_at_target)(x_one[None].astype(jnp.float32), positions_one[None], pe_batch)
     return jnp.sqrt(jnp.sum(jnp.square(jac[:, 0]), axis=(0, 2)))  # [d, t, d] -> [t]
 
   return jax.vmap(one_example)(x, positions, pe)

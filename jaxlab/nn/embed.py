@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jaxtyping import Array, Float, Int
 
 from jaxlab.nn.linear import logical_param
 
@@ -14,9 +15,9 @@ class Embed(nnx.Module):
     table = jax.random.normal(rngs.params(), (vocab_size, dim), jnp.float32) * init_std
     self.table = logical_param(table, ("vocab", "embed"))
 
-  def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
-    return jnp.take(self.table[...], tokens_BxL, axis=0)
+  def __call__(self, tokens: Int[Array, "b t"]) -> Float[Array, "b t d"]:
+    return jnp.take(self.table[...], tokens, axis=0)
 
-  def attend(self, x_BxLxD: jax.Array) -> jax.Array:
+  def attend(self, x: Float[Array, "b t d"]) -> Float[Array, "b t vocab"]:
     """Logits x · Eᵀ for tied input and output embeddings (Press & Wolf 2017)."""
-    return jnp.einsum("bld,vd->blv", x_BxLxD, self.table[...].astype(x_BxLxD.dtype))
+    return jnp.einsum("bld,vd->blv", x, self.table[...].astype(x.dtype))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 from flax import nnx
+from jaxtyping import Array, Float
 
 from jaxlab.nn.config import ModelConfig
 from jaxlab.nn.linear import Linear
@@ -30,14 +31,14 @@ class MLP(nnx.Module):
     self.down = Linear((f,), (d,), ("mlp",), ("embed",), **dense)
     self.record_down_input = False
 
-  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-    h_BxLxF = self.up(x_BxLxD)
+  def __call__(self, x: Float[Array, "b t d"]) -> Float[Array, "b t d"]:
+    h = self.up(x)  # [b, t, f]
     if self.gate is not None:
-      h_BxLxF = jax.nn.silu(self.gate(x_BxLxD)) * h_BxLxF
+      h = jax.nn.silu(self.gate(x)) * h
     else:
-      h_BxLxF = jax.nn.gelu(h_BxLxF, approximate=True)
-    h_BxLxF = shard(h_BxLxF, ("batch", "length", "mlp"))
+      h = jax.nn.gelu(h, approximate=True)
+    h = shard(h, ("batch", "length", "mlp"))
     if self.record_down_input:  # inside nnx.capture only
-      h_BxLxF = self.perturb("down_input", h_BxLxF)
-      self.sow(nnx.Intermediate, "down_input", h_BxLxF)
-    return self.down(h_BxLxF)
+      h = self.perturb("down_input", h)
+      self.sow(nnx.Intermediate, "down_input", h)
+    return self.down(h)

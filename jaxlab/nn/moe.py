@@ -86,8 +86,8 @@ class Router(nnx.Module):
     self.step = GateStep(jnp.zeros((), jnp.int32)) if config.moe_router == "dense_to_sparse" else None
     self.config, self.layer = config, layer
 
-  def logits(self, x_BxTxD: jax.Array) -> Float[Array, "b t e"]:
-    x = x_BxTxD.astype(jnp.float32)
+  def logits(self, x: Float[Array, "b t d"]) -> Float[Array, "b t e"]:
+    x = x.astype(jnp.float32)
     key = training_rng(self.layer)
     if key is not None and self.config.moe_jitter > 0:  # Switch's multiplicative input jitter
       eps = self.config.moe_jitter
@@ -384,18 +384,18 @@ class MoE(nnx.Module):
     self.shared_gate = (Linear((config.d_model,), (1,), ("embed",), (None,), init_std=config.init_std, rngs=rngs)
                         if shared and config.moe_shared_gate else None)
 
-  def __call__(self, x_BxTxD: jax.Array, experts: Int[Array, "b t"] | None = None) -> jax.Array:
+  def __call__(self, x: Float[Array, "b t d"], experts: Int[Array, "b t"] | None = None) -> Float[Array, "b t d"]:
     """``experts``: each token's expert, from Read-ME's pre-gating router (``pregate`` only)."""
     c = self.config
-    b, t, d = x_BxTxD.shape
-    ffn_weights, impl = self.experts.weights(x_BxTxD.dtype), self.experts.gmm_impl
-    logits = None if self.router is None else self.router.logits(x_BxTxD)
+    b, t, d = x.shape
+    ffn_weights, impl = self.experts.weights(x.dtype), self.experts.gmm_impl
+    logits = None if self.router is None else self.router.logits(x)
     if c.moe_router == "pregate":
-      y = self._pregated(x_BxTxD, experts, ffn_weights, impl)
+      y = self._pregated(x, experts, ffn_weights, impl)
     elif c.moe_router == "expert_choice":
       probs = jax.nn.softmax(logits, axis=-1)
       (y,) = _local_tokens(lambda x, ffn, p: (expert_choice(x, p, ffn, capacity_of(c, t)),), 1,
-                           x_BxTxD, ffn_weights, impl, probs)
+                           x, ffn_weights, impl, probs)
       self._report_router(logits, probs, None, None)
     elif c.moe_router == "dense_to_sparse":
       routing, gates, tau, sparse = self.router.dense_to_sparse(logits)
@@ -405,7 +405,7 @@ class MoE(nnx.Module):
         top_k = lambda: dropless(flat(x), flat(experts), flat(weights), ffn, c.moe_num_experts)  # noqa: E731
         return (jax.lax.cond(sparse[0], top_k, lambda: dense_mixture(flat(x), flat(gates), ffn)).reshape(x.shape),)
 
-      (y,) = _local_tokens(fn, 1, x_BxTxD, ffn_weights, impl, routing.experts, routing.weights, gates,
+      (y,) = _local_tokens(fn, 1, x, ffn_weights, impl, routing.experts, routing.weights, gates,
                            jnp.broadcast_to(sparse, (b,)))
       chosen = copies_per_expert(routing.experts, c.moe_num_experts) * (gates > 0)
       self._report_router(logits, routing.probs, jnp.where(sparse, chosen, (gates > 0).astype(jnp.float32)),
@@ -418,27 +418,27 @@ class MoE(nnx.Module):
           n = x.shape[0] * x.shape[1]
           y = dropless(x.reshape(n, d), experts.reshape(n, -1), weights.reshape(n, -1), ffn, c.moe_num_experts)
           return (y.reshape(x.shape),)
-        (y,) = _local_tokens(fn, 1, x_BxTxD, ffn_weights, impl, routing.experts, routing.weights)
+        (y,) = _local_tokens(fn, 1, x, ffn_weights, impl, routing.experts, routing.weights)
         dropped = jnp.zeros((b,), jnp.float32)
       else:
         fn = lambda x, ffn, e, g: with_capacity(x, e, g, ffn, c.moe_num_experts, capacity_of(c, t))  # noqa: E731
-        y, dropped = _local_tokens(fn, 2, x_BxTxD, ffn_weights, impl, routing.experts, routing.weights)
+        y, dropped = _local_tokens(fn, 2, x, ffn_weights, impl, routing.experts, routing.weights)
       self._report_router(logits, routing.probs, copies_per_expert(routing.experts, c.moe_num_experts), dropped)
     y = shard(y, ("batch", "length", "embed"))
     if self.shared is not None:
-      shared = self.shared(x_BxTxD)
+      shared = self.shared(x)
       if self.shared_gate is not None:
-        shared = shared * jax.nn.sigmoid(self.shared_gate(x_BxTxD).astype(jnp.float32)).astype(shared.dtype)
+        shared = shared * jax.nn.sigmoid(self.shared_gate(x).astype(jnp.float32)).astype(shared.dtype)
       y = y + shared
     return y
 
-  def _pregated(self, x_BxTxD, experts, ffn_weights, impl) -> jax.Array:
+  def _pregated(self, x: Float[Array, "b t d"], experts, ffn_weights, impl) -> Float[Array, "b t d"]:
     """Read-ME: every token through its one expert, with gate 1 (with the shared expert
     the caller adds, the masked dense MLP ``down((r + m_c) ⊙ act(gate x) ⊙ up x)`` once carved)."""
     if experts is None:
       raise ValueError("model.moe_router='pregate' takes each token's expert from the model's pre-gating "
                        "router; call the Transformer (or pass experts=[b, t] ids), not the MoE layer alone.")
-    b, t, d = x_BxTxD.shape
+    b, t, d = x.shape
     c = self.config
 
     def fn(x, ffn, experts):
@@ -446,7 +446,7 @@ class MoE(nnx.Module):
       ones = jnp.ones((n, 1), jnp.float32)
       return (dropless(x.reshape(n, d), experts.reshape(n, 1), ones, ffn, c.moe_num_experts).reshape(x.shape),)
 
-    (y,) = _local_tokens(fn, 1, x_BxTxD, ffn_weights, impl, experts[..., None])
+    (y,) = _local_tokens(fn, 1, x, ffn_weights, impl, experts[..., None])
     load = jnp.mean(copies_per_expert(experts[..., None], c.moe_num_experts), axis=1)
     report(self, Metric, "expert_load", jnp.sum(load, axis=0))
     return y

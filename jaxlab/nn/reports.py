@@ -49,12 +49,16 @@ def _reporting(rng: jax.Array | None) -> Iterator[None]:
     _ACTIVE.reset(token)
 
 
-def training_rng(layer: int) -> jax.Array | None:
-  """A key for a layer's training-time noise (router jitter), None outside training."""
+EMBEDDING_STREAM = 2**32 - 1  # `training_rng` index of the embeddings' noise (Abacus offsets); layers use theirs
+
+
+def training_rng(stream: int) -> jax.Array | None:
+  """A key for training-time noise, None outside training: ``stream`` is a layer's index
+  for its router jitter, `EMBEDDING_STREAM` for the Abacus offset."""
   active = _ACTIVE.get()
   if active is None or active["rng"] is None:
     return None
-  return jax.random.fold_in(active["rng"], layer)
+  return jax.random.fold_in(active["rng"], stream)
 
 
 def report(module: nnx.Module, kind: type[nnx.Intermediate], name: str, value: jax.Array) -> None:

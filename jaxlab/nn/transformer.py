@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jaxtyping import Array, Float, Int
 
+from jaxlab.nn.abacus import AbacusPositions
 from jaxlab.nn.block import REMAT_POLICIES, apply_block
 from jaxlab.nn.block_mixture import BlockMixture, SequenceRouter, make_block
 from jaxlab.nn.config import ModelConfig
@@ -31,6 +32,7 @@ class Cache:
   index: jax.Array
   layers: list[Any]
   router: Any = None
+  digit_run: jax.Array | None = None  # Abacus: the digits ending at the last cached position [b]
 
 
 class Transformer(nnx.Module):
@@ -40,7 +42,8 @@ class Transformer(nnx.Module):
   layer's expert from the token ids, unless the caller passes ``experts`` [b, t]. With
   ``block_experts`` the later layers are mixtures of whole blocks (`jaxlab.nn.block_mixture`),
   at the model level routed by ``block_router`` at the first of them. With ``lora_rank`` the
-  dense layers matching ``lora_targets`` carry LoRA adapters (`jaxlab.nn.lora`)."""
+  dense layers matching ``lora_targets`` carry LoRA adapters (`jaxlab.nn.lora`); with ``abacus``
+  digit tokens get Abacus embeddings (`jaxlab.nn.abacus`) whatever ``positional`` is."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
@@ -49,6 +52,7 @@ class Transformer(nnx.Module):
         LearnedPositions(config.max_position, config.d_model, init_std=config.init_std, rngs=rngs)
         if config.positional == "learned" else None
     )
+    self.abacus = AbacusPositions(config, rngs=rngs) if config.abacus else None
     self.blocks = nnx.List([make_block(config, i, rngs=rngs) for i in range(config.num_layers)])
     self.pregate = PreGatingRouter(config, rngs=rngs) if config.pregated else None
     self.block_router = (SequenceRouter(config, rngs=rngs)
@@ -65,17 +69,21 @@ class Transformer(nnx.Module):
     if config.lora_rank:
       add_lora(self, config, rngs=rngs)
 
-  def _inputs(self, tokens: jax.Array, positions: jax.Array):
-    """Token (+ learned position) embeddings, and TAPE's initial position features."""
+  def _inputs(self, tokens: jax.Array, positions: jax.Array, digit_run: jax.Array | None = None):
+    """Token (+ learned position, + Abacus) embeddings, TAPE's initial position features,
+    and the digit run at the last position (None without Abacus)."""
     x = self.embed(tokens)
     if self.positions is not None:
       x = x + self.positions(positions).astype(x.dtype)
+    if self.abacus is not None:
+      digits, digit_run = self.abacus(tokens, digit_run)
+      x = x + digits.astype(x.dtype)
     pe = initial_position_state(positions, self.config) if self.config.positional == "tape" else None
-    return shard(x, ("batch", "length", "embed")), pe
+    return shard(x, ("batch", "length", "embed")), pe, digit_run
 
-  def _logits(self, x_BxLxD: jax.Array) -> jax.Array:
-    x_BxLxD = self.final_norm(x_BxLxD)
-    logits = self.embed.attend(x_BxLxD) if self.lm_head is None else self.lm_head(x_BxLxD)
+  def _logits(self, x: Float[Array, "b t d"]) -> Float[Array, "b t vocab"]:
+    x = self.final_norm(x)
+    logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
     return shard(logits, ("batch", "length", "vocab"))
 
   def embeddings(
@@ -85,7 +93,7 @@ class Transformer(nnx.Module):
     b, t = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    x, pe = self._inputs(tokens, positions)
+    x, pe, _ = self._inputs(tokens, positions)
     return x, positions, pe
 
   def hidden_states(
@@ -124,13 +132,14 @@ class Transformer(nnx.Module):
                        "generate.")
     layers = [block.init_cache(batch, max_len, dtype) for block in self.blocks]
     router = None if self.pregate is None else self.pregate.init_cache(batch, max_len, dtype)
-    return Cache(index=jnp.zeros((), jnp.int32), layers=layers, router=router)
+    digit_run = None if self.abacus is None else jnp.zeros((batch,), jnp.int32)
+    return Cache(index=jnp.zeros((), jnp.int32), layers=layers, router=router, digit_run=digit_run)
 
   def decode(self, tokens: Int[Array, "b t"], cache: Cache) -> tuple[Float[Array, "b t vocab"], Cache]:
     """Logits for the next t tokens given the cache of everything before them."""
     b, t = tokens.shape
     positions = cache.index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    x, pe = self._inputs(tokens, positions)
+    x, pe, digit_run = self._inputs(tokens, positions, cache.digit_run)
     experts, router = None, None
     if self.pregate is not None:
       logits, router = self.pregate.decode(tokens, positions, cache.router)
@@ -144,7 +153,13 @@ class Transformer(nnx.Module):
       else:
         x, layer_cache, pe = block.decode(x, positions, layer_cache, routes=routes)
       layers.append(layer_cache)
-    return self._logits(x), Cache(index=cache.index + t, layers=layers, router=router)
+    return self._logits(x), Cache(index=cache.index + t, layers=layers, router=router, digit_run=digit_run)
+
+
+def parameter_count(config: ModelConfig) -> int:
+  """The number of parameters of a model of ``config``, from its shapes alone."""
+  model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
 def convert_positional(model: Transformer, positional: str, *, rngs: nnx.Rngs) -> Transformer:
@@ -163,16 +178,16 @@ def convert_positional(model: Transformer, positional: str, *, rngs: nnx.Rngs) -
 
 
 def sample_token(
-    logits_BxV: jax.Array, rng: jax.Array, temperature: jax.Array, top_k: int | None
-) -> jax.Array:
+    logits: Float[Array, "b vocab"], rng: jax.Array, temperature: jax.Array, top_k: int | None
+) -> Int[Array, "b"]:
   """Greedy when ``temperature == 0``; otherwise samples softmax(logits / T), optionally
   restricted to the ``top_k`` most likely tokens."""
-  logits_BxV = logits_BxV.astype(jnp.float32)
-  greedy = jnp.argmax(logits_BxV, axis=-1)
+  logits = logits.astype(jnp.float32)
+  greedy = jnp.argmax(logits, axis=-1)
   if top_k is not None:
-    kth = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
-    logits_BxV = jnp.where(logits_BxV < kth, -jnp.inf, logits_BxV)
-  sampled = jax.random.categorical(rng, logits_BxV / jnp.maximum(temperature, 1e-6), axis=-1)
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  sampled = jax.random.categorical(rng, logits / jnp.maximum(temperature, 1e-6), axis=-1)
   return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 

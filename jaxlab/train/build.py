@@ -15,6 +15,7 @@ import ml_collections
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jaxtyping import Array, Float, Int
 
 from jaxlab.aot.serialize import load_executable
 from jaxlab.nn import ModelConfig, Transformer
@@ -55,11 +56,11 @@ def model_config_fields(config: ModelConfig) -> dict[str, list[tuple[str, int]]]
   return fields
 
 
-def decode_step(params: Any, model_state: Any, tokens_Bx1: jax.Array, cache: Any, *,
-                graphdef: nnx.GraphDef, compute_dtype: str) -> tuple[jax.Array, Any]:
+def decode_step(params: Any, model_state: Any, tokens: Int[Array, "b 1"], cache: Any, *,
+                graphdef: nnx.GraphDef, compute_dtype: str) -> tuple[Float[Array, "b v"], Any]:
   """One token of generation: the next-token logits ``[b, vocab]`` and the new cache."""
   model = nnx.merge(graphdef, cast_floating(params, COMPUTE_DTYPES[compute_dtype]), model_state)
-  logits, cache = model.decode(tokens_Bx1, cache)
+  logits, cache = model.decode(tokens, cache)
   return logits[:, -1], cache
 
 

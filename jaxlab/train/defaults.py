@@ -113,3 +113,11 @@ def load_config_module(path: str | Path) -> ModuleType:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def shorten(config: ml_collections.ConfigDict, steps: int | None) -> None:
+  """Cuts a run to ``steps`` (a study's smoke test), evaluating and checkpointing at its
+  end and warming up for at most half of it; ``None`` leaves the config as it is."""
+  if steps:
+    config.train.update(steps=steps, eval_every=steps, checkpoint_every=steps)
+    config.optim.warmup_steps = min(config.optim.warmup_steps, steps // 2)

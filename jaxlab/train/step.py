@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jaxtyping import Array, Float
 
 from jaxlab.nn.reports import apply_state_updates, capture_reports, flat_reports, metric_summary
 from jaxlab.sharding import shard
@@ -24,9 +25,9 @@ def cast_floating(tree: Any, dtype) -> Any:
   )
 
 
-def weighted_cross_entropy(logits_BxLxV: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
+def weighted_cross_entropy(logits: Float[Array, "b t vocab"], batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Sums over tokens of weight · CE and weight · [argmax == target], and of weights."""
-  logits = logits_BxLxV.astype(jnp.float32)
+  logits = logits.astype(jnp.float32)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   weights = batch["weights"]
   correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)

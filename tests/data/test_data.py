@@ -213,6 +213,17 @@ class TestAddition:
     assert r["inputs"].shape == (40,)
     assert int(np.flatnonzero(r["inputs"] == Addition.PLUS)[0]) == 12
 
+  def test_operands_longer_than_int64_are_exact(self):
+    from jaxlab.data import Addition
+
+    task = Addition(min_digits=25, max_digits=25, num_examples=20, seed=1)
+    for i in range(20):
+      a, b = task.operands(i)
+      assert len(str(a)) == len(str(b)) == 25
+      sequence = np.concatenate([task[i]["inputs"][:1], task[i]["targets"]])
+      equals, eos = (int(np.flatnonzero(sequence == token)[0]) for token in (Addition.EQUALS, Addition.EOS))
+      assert _decode_number(sequence[equals + 1 : eos]) == a + b
+
 
 class TestPasskey:
 

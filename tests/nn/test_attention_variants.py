@@ -116,13 +116,13 @@ def test_gate_shapes():
 
 def test_attention_sink_of_uniform_attention():
   """With zero queries every visible key gets equal weight: query i gives 1/(i+1) to
-  token 0, so the layer's sink measure is the mean of 1/(i+1)."""
+  token 0, so the layer's sink measure is the mean of 1/(i+1) over queries 1..t-1."""
   model = Transformer(ModelConfig(**BASE), rngs=nnx.Rngs(0))
   for block in model.blocks:
     block.mixer.q.kernel.set_value(jnp.zeros_like(block.mixer.q.kernel[...]))
   _, sinks = forward_with_sinks(model, tokens(6, (3, 10)))
   assert sorted(sinks) == ["attention_sink/layer_0", "attention_sink/layer_1"]
-  expected = np.mean(1.0 / np.arange(1, 11))
+  expected = np.mean(1.0 / np.arange(2, 11))
   for value in sinks.values():
     np.testing.assert_allclose(value, expected, rtol=1e-5)
 
@@ -132,9 +132,9 @@ def test_sink_is_zero_where_the_first_token_is_out_of_the_window():
   for block in model.blocks:
     block.mixer.q.kernel.set_value(jnp.zeros_like(block.mixer.q.kernel[...]))
   _, sinks = forward_with_sinks(model, tokens(6, (1, 10)))
-  # query 0 gives 1, query 1 gives 1/2, later queries cannot see token 0
+  # query 1 gives 1/2, later queries cannot see token 0 (query 0 is left out)
   for value in sinks.values():
-    np.testing.assert_allclose(value, 1.5 / 10, rtol=1e-5)
+    np.testing.assert_allclose(value, 0.5 / 9, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
