@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from pathlib import Path
 
+import jax
 import matplotlib
 
 matplotlib.use("Agg")
@@ -28,10 +28,10 @@ from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
 from jaxlab.data.synthetic import Addition, Passkey  # noqa: E402
-from jaxlab.growth.trees import by_name  # noqa: E402
 from jaxlab.nn import ModelConfig, parameter_count  # noqa: E402
 from jaxlab.train import load_config_module, shorten, train_to_end  # noqa: E402
 from jaxlab.train.evaluate import sequence_metrics  # noqa: E402
+from jaxlab.train.optim import trainable_labels  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -112,14 +112,19 @@ def fine_tuned(arm: str, seed: int, workdir: Path):
   return config, trainer, summary, time.time() - start
 
 
+def trained_size(params, trainable: str | None) -> int:
+  """How many of ``params`` the optimizer trains under ``optim.trainable`` (None: all)."""
+  leaves = jax.tree.leaves(params)
+  labels = jax.tree.leaves(trainable_labels(trainable)(params)) if trainable else ["train"] * len(leaves)
+  return sum(x.size for x, label in zip(leaves, labels) if label == "train")
+
+
 def run_one(task: str, encoding: str, seed: int, workdir: Path) -> dict:
   spec = TASKS[task]
   if spec["protocol"] == "finetune":
     config, trainer, summary, seconds = fine_tuned(encoding, seed, workdir)
-    params = by_name(trainer.state.params)
-    pattern = re.compile(config.optim.trainable or "")
-    extra = {"parameters": sum(v.size for v in params.values()),
-             "trainable_parameters": sum(v.size for n, v in params.items() if pattern.search(n))}
+    extra = {"parameters": sum(x.size for x in jax.tree.leaves(trainer.state.params)),
+             "trainable_parameters": trained_size(trainer.state.params, config.optim.trainable)}
   else:
     config = load_config(spec["config"], f"{encoding},{_SIZE.value},{spec['protocol'] or ''}".rstrip(","))
     config.seed = seed

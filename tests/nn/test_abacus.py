@@ -15,7 +15,6 @@ from jaxlab.nn.reports import capture_reports
 # Digits are tokens 3-12 here, so that the digit range is not the vocabulary's start.
 BASE = dict(vocab_size=17, d_model=32, num_layers=2, num_heads=4, mlp_dim=48, abacus=True,
             abacus_digit_tokens=(3, 12), abacus_max_offset=20, abacus_max_digits=8)
-DIGITS = range(3, 13)
 
 
 def indices_by_loop(digits, carry):
